@@ -1,0 +1,33 @@
+"""Where fcapp keeps its files: one user data folder, overridable with $FCAPP_HOME."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def data_home() -> Path:
+    """$FCAPP_HOME, else $XDG_DATA_HOME/fcapp, else ~/.local/share/fcapp (created on demand)."""
+    if os.environ.get("FCAPP_HOME"):
+        root = Path(os.environ["FCAPP_HOME"])
+    else:
+        root = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share") / "fcapp"
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def models_dir() -> Path:
+    """Tuned models live here, one folder per name."""
+    path = data_home() / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """A user-given name that is safe as one folder name (no traversal, no separators)."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}", name) or ".." in name:
+        raise ValueError(f"invalid {what} {name!r}: use letters, digits, '.', '_' and '-' (no path separators)")
+    return name
