@@ -159,6 +159,16 @@ def render_functions(tools: Registry) -> str:
     return "\n".join(blocks)
 
 
+def demonstration(tools: Registry, question: str, calls: list[Call]) -> list[Message]:
+    """A worked example as messages: the question, then each reference call and its real result.
+
+    `tools` are the demo problem's own tools (FOL tools are bound to that problem's premises)."""
+    replayer = Agent(tools)
+    chain = replayer.start("demo", "demo", question, "reference")
+    replayer.replay(chain, calls)
+    return [{"role": "user", "content": question}, *chain.completion_messages()]
+
+
 def with_final_answer(tools: Registry) -> Registry:
     """The task's tools plus the final_answer function every chain ends with."""
     combined = Registry(list(tools))
@@ -170,34 +180,18 @@ def with_final_answer(tools: Registry) -> Registry:
 class Agent:
     """Runs one problem through a model with a registry of tools."""
 
-    def __init__(
-        self,
-        tools: Registry,
-        demonstration: list[tuple[str, list[Call]]] | None = None,
-        config: AgentConfig | None = None,
-    ) -> None:
+    def __init__(self, tools: Registry, demo: list[Message] | None = None, config: AgentConfig | None = None) -> None:
+        """`demo`: worked-example messages placed before the question (see `demonstration`)."""
         self.tools = with_final_answer(tools)
+        self.demo = list(demo or [])
         self.config = config or AgentConfig()
-        self.demonstration = demonstration or []
 
     # ---- prompt -------------------------------------------------------------------------------
     def system_prompt(self) -> str:
         return SYSTEM_TEMPLATE.format(final=FINAL_ANSWER, functions=render_functions(self.tools))
 
-    def demo_messages(self) -> list[Message]:
-        """Worked example exchanges (question, then the reference calls and their real results)."""
-        messages: list[Message] = []
-        for question, calls in self.demonstration:
-            messages.append({"role": "user", "content": question})
-            for step in self.replay_steps(calls):
-                messages.append({"role": "assistant", "content": step.text})
-                if step.feedback() is not None:
-                    messages.append({"role": "tool", "content": step.feedback()})
-        return messages
-
     def prompt(self, question: str) -> list[Message]:
-        return [{"role": "system", "content": self.system_prompt()}, *self.demo_messages(),
-                {"role": "user", "content": question}]
+        return [{"role": "system", "content": self.system_prompt()}, *self.demo, {"role": "user", "content": question}]
 
     def start(self, task: str, problem_id: str, question: str, model_id: str, seed: int = 0) -> Chain:
         sampling = asdict(self.config.sampling) | {"seed": seed}
@@ -267,26 +261,21 @@ class Agent:
             index = len(chain.steps)
             yield Event("step", index)
             began = time.perf_counter()
-            text, usage = "", None
+            text, prompt_tokens, completion_tokens = "", 0, 0
             stream = model.stream(chain.messages(), chain.tools, self.step_params(chain))
             try:
                 for chunk in stream:
+                    prompt_tokens = chunk.prompt_tokens or prompt_tokens
+                    completion_tokens = chunk.completion_tokens or completion_tokens
                     if chunk.text:
                         text += chunk.text
                         yield Event("token", index, chunk.text)
-                    if chunk.finished:
-                        usage = chunk
-                        break
-                    if call_end(text, names) is not None:
-                        break
+                    if chunk.finished or call_end(text, names) is not None:
+                        break  # a finished call ends the reply: no tokens wasted after it
             finally:
                 close = getattr(stream, "close", None)
                 if close:
                     close()
-            prompt_tokens = usage.prompt_tokens if usage and usage.prompt_tokens is not None else 0
-            completion_tokens = usage.completion_tokens if usage and usage.completion_tokens is not None else 0
-            if usage is None and hasattr(model, "count_tokens"):
-                prompt_tokens, completion_tokens = model.count_tokens(chain.messages(), text)  # type: ignore[attr-defined]
             yield from self.advance(chain, text, prompt_tokens, completion_tokens, time.perf_counter() - began)
         yield Event("done", len(chain.steps) - 1, chain.answer or "", {"stop_reason": chain.stop_reason}, chain)
 

@@ -25,7 +25,8 @@ class SamplingParams:
 
 @dataclass
 class Chunk:
-    """A piece of streamed output. The last chunk of a completion carries the token counts."""
+    """A piece of streamed output. Counts are running totals where the backend knows them (a
+    consumer that stops reading early keeps the latest), and final on the `finished` chunk."""
 
     text: str = ""
     prompt_tokens: int | None = None
@@ -49,7 +50,7 @@ class ChatModel(Protocol):
     def stream(
         self, messages: list[Message], tools: list[dict] | None = None, params: SamplingParams | None = None
     ) -> Iterator[Chunk]:
-        """Yield text as it is produced; the final chunk has finished=True and token counts."""
+        """Yield text as it is produced, with running token counts; the last chunk has finished=True."""
         ...
 
 
@@ -61,7 +62,6 @@ def complete(
     prompt_tokens = completion_tokens = 0
     for chunk in model.stream(messages, tools, params):
         parts.append(chunk.text)
-        if chunk.finished:
-            prompt_tokens = chunk.prompt_tokens or 0
-            completion_tokens = chunk.completion_tokens or 0
+        prompt_tokens = chunk.prompt_tokens or prompt_tokens
+        completion_tokens = chunk.completion_tokens or completion_tokens
     return Completion("".join(parts), prompt_tokens, completion_tokens)

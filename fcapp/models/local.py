@@ -123,9 +123,6 @@ class LocalModel:
         )
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def count_tokens(self, messages: list[Message], reply: str) -> tuple[int, int]:
-        return len(self.encode(messages)), len(self.tokenizer(reply, add_special_tokens=False)["input_ids"])
-
     # ---- decoding -----------------------------------------------------------------------------
     def _prefill(self, ids: list[int]) -> torch.Tensor:
         """Feed `ids`, reusing the cached prefix; returns the logits of the last position."""
@@ -177,7 +174,7 @@ class LocalModel:
                     else:
                         delta, shown = text[len(shown):], text
                     if delta:
-                        yield Chunk(delta)
+                        yield Chunk(delta, len(prompt_ids), len(generated))
                     if params.stop and any(s in shown for s in params.stop):
                         break
                     out = self.model(input_ids=torch.tensor([[token]], device=self.device),

@@ -111,7 +111,8 @@ def _coerce(tool: str, arg: str, value: Any, spec: dict[str, Any]) -> Any:
         if isinstance(value, str) and re.fullmatch(r"\s*-?\d{1,30}(\.\d{1,30})?\s*", value):
             value = float(value) if "." in value else int(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ToolError(f"{where} must be a {kind}, got {type(value).__name__}")
+            article = "an" if kind == "integer" else "a"
+            raise ToolError(f"{where} must be {article} {kind}, got {type(value).__name__}")
         if kind == "integer":
             if isinstance(value, float) and not value.is_integer():
                 raise ToolError(f"{where} must be an integer, got {value}")

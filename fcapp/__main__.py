@@ -1,0 +1,5 @@
+import sys
+
+from fcapp.cli import main
+
+sys.exit(main())

@@ -1,0 +1,286 @@
+"""`python -m fcapp COMMAND`: a thin front over the library (the app calls the same functions)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+from fcapp.agent import Event
+
+
+def _print(text: str = "", end: str = "\n") -> None:
+    sys.stdout.write(text + end)
+    sys.stdout.flush()
+
+
+def _model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
+    parser.add_argument(flag, default="smollm2",
+                        help="'smollm2' (embedded), a tuned model name, a local folder, or http://HOST:PORT/v1#MODEL")
+    parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                        help="environment variable holding the API key of an HTTP model")
+
+
+def _chain_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-steps", type=int, default=10, help="step limit of a chain (the paper uses 10 and 20)")
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=160)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def _solve_config(args: argparse.Namespace):
+    from fcapp.solve import SolveConfig
+
+    return SolveConfig(args.max_steps, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+
+
+def render_event(event: Event, out: Callable[..., None] = _print) -> None:
+    """Human-readable live rendering of one agent event."""
+    if event.kind == "step":
+        out(f"\n[step {event.step + 1}] ", end="")
+    elif event.kind == "token":
+        out(event.text, end="")
+    elif event.kind == "result":
+        out(f"\n  -> {event.text}  ({event.data.get('elapsed_s', 0):.3f} s)")
+    elif event.kind == "error":
+        out(f"\n  !! {event.text}")
+    elif event.kind == "answer":
+        out(f"\n  => answer: {event.text}")
+
+
+def cmd_solve(args: argparse.Namespace) -> int:
+    from fcapp.models import get_model
+    from fcapp.solve import solve_events
+    from fcapp.tasks import get_task
+    from fcapp.tasks.base import Problem
+
+    task = get_task(args.task)
+    if args.question:
+        problem = Problem("custom", task.name, args.question, args.expected or "")
+    else:
+        problem = task.get(args.problem_id)
+    model = get_model(args.model, api_key_env=args.api_key_env)
+    if not args.json:
+        _print(f"task {task.name} | problem {problem.id} | model {model.model_id}")
+        _print(f"Question: {problem.question}")
+    chain = None
+    for event in solve_events(task, problem, model, _solve_config(args)):
+        if not args.json:
+            render_event(event)
+        chain = event.chain or chain
+    assert chain is not None
+    if args.json:
+        _print(json.dumps(chain.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    verdict = {True: "correct", False: "incorrect", None: "no ground truth"}[chain.verdict]
+    _print(f"\nAnswer: {chain.answer}   expected: {problem.answer or '-'}   verdict: {verdict}")
+    _print(f"({len(chain.steps)} steps, {chain.valid_calls} valid calls, {chain.completion_tokens} tokens, "
+           f"{chain.elapsed_s:.1f} s, stop: {chain.stop_reason})")
+    return 0
+
+
+def _store(args: argparse.Namespace):
+    from fcapp.store import Store
+
+    return Store(args.db)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    import threading
+
+    from tqdm import tqdm
+
+    from fcapp.generate import GenerateConfig, generate
+    from fcapp.models import get_model
+
+    config = GenerateConfig(args.task, args.teacher, args.samples, args.limit, args.split, args.temperature,
+                            args.top_p, args.max_steps, args.max_new_tokens, args.concurrency, args.seed, args.reference)
+    store = _store(args)
+    model = get_model(args.teacher, api_key_env=args.api_key_env)
+    stop = threading.Event()
+    bar = tqdm(desc=f"generate {args.task}", unit="chain", dynamic_ncols=True)
+
+    def progress(stats, chain) -> None:
+        bar.total = stats.planned
+        bar.update(1)
+        bar.set_postfix(chains_per_min=f"{stats.chains_per_min:.1f}", correct=f"{stats.correct_rate:.0%}",
+                        failed=stats.failed)
+
+    try:
+        stats = generate(config, store, model, on_chain=progress, stop=stop)
+    except KeyboardInterrupt:
+        stop.set()
+        bar.close()
+        _print("\nstopped: every finished chain is stored; run the same command again to resume")
+        return 130
+    bar.close()
+    _print(json.dumps(stats.summary() | {"db": str(store.path)}, indent=2))
+    return 0 if stats.failed < max(1, stats.planned) else 1
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from fcapp.pairs import PairPolicy, import_pairs, make_pairs
+
+    store = _store(args)
+    if args.import_file:
+        _print(f"imported {import_pairs(args.import_file, store)} pairs from {args.import_file}")
+        return 0
+    if not (args.task and args.out):
+        raise ValueError("pairs needs --task and --out (or --import FILE)")
+    policy = PairPolicy(args.max_per_problem, not args.no_dedup, not args.no_reference)
+    card = make_pairs(store, args.task, args.out, policy)
+    _print(json.dumps(card, indent=2))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from fcapp.evaluate import EvalConfig, evaluate, write_report
+    from fcapp.paths import data_home
+
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    config = EvalConfig(args.task, models, args.split, args.limit, args.problems, args.max_steps, args.seed,
+                        args.max_new_tokens)
+    bar = tqdm(desc=f"eval {args.task}", unit="chain", dynamic_ncols=True, disable=args.json)
+
+    def progress(done: int, total: int, model: str) -> None:
+        bar.total = total
+        bar.update(1)
+        bar.set_postfix(model=model)
+
+    result = evaluate(config, _store(args), on_progress=progress)
+    bar.close()
+    report = write_report(result, args.report or data_home() / "reports" / f"eval-{result['eval_id']}.html")
+    if args.json:
+        _print(json.dumps({k: v for k, v in result.items() if k != "per_problem"} | {"report": str(report)}))
+        return 0
+    _print(f"\n{result['task']}: n={result['n']} problems, step limit {args.max_steps}")
+    _print(f"{'model':<20}{'accuracy':>9}{'95% CI':>16}{'valid calls':>12}{'steps':>7}{'tokens':>8}{'latency':>9}{'p vs base':>11}")
+    for name, s in result["models"].items():
+        p = "-" if s["p_value_vs_base"] is None else f"{s['p_value_vs_base']:.4f}"
+        ci = f"[{s['accuracy_ci'][0]:.2f}, {s['accuracy_ci'][1]:.2f}]"
+        _print(f"{name:<20}{s['accuracy']:>9.3f}{ci:>16}{s['valid_call_rate']:>12.3f}{s['mean_steps']:>7.2f}"
+               f"{s['mean_tokens']:>8.1f}{s['mean_latency_s']:>8.2f}s{p:>11}")
+    _print(f"report: {report}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from fcapp.serve import serve
+
+    serve(args.model, args.host, args.port, api_key=args.api_key)
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fcapp.train import list_models
+
+    models = list_models()
+    if args.json:
+        _print(json.dumps(models, indent=2))
+    elif not models:
+        _print("no tuned models yet (python -m fcapp train ...)")
+    else:
+        for m in models:
+            _print(f"{m['name']:<24} {m['created']:<20} base={m['base']}  {m['path']}")
+    return 0
+
+
+def cmd_app(args: argparse.Namespace) -> int:
+    from fcapp.ui.app import launch
+
+    launch(host=args.host, port=args.port, auth=args.auth, db=args.db)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m fcapp", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("solve", help="solve one problem, streaming the chain step by step")
+    p.add_argument("--task", required=True, help="gsm8k, fol or folio")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--problem-id", help="a problem id or its index in the task (e.g. 0)")
+    group.add_argument("--question", help="your own problem text")
+    p.add_argument("--expected", help="ground truth for --question, to get a verdict")
+    p.add_argument("--json", action="store_true", help="print the whole chain record as JSON")
+    _model_args(p)
+    _chain_args(p)
+    p.set_defaults(func=cmd_solve)
+
+    p = sub.add_parser("generate", help="teacher chains: K samples per problem, verified and stored")
+    p.add_argument("--task", required=True)
+    _model_args(p, "--teacher")
+    p.add_argument("--samples", type=int, default=4, help="chains per problem (K)")
+    p.add_argument("--limit", type=int, help="first N problems of the split")
+    p.add_argument("--split", default="train", choices=["train", "heldout", "all"])
+    p.add_argument("--concurrency", type=int, default=1, help="requests in flight (HTTP teachers)")
+    p.add_argument("--reference", action="store_true", help="also store the problems' reference chains")
+    p.add_argument("--db", help="SQLite database (default: the user data folder)")
+    _chain_args(p)
+    p.set_defaults(func=cmd_generate, temperature=0.8, top_p=0.95)
+
+    p = sub.add_parser("pairs", help="verified chains -> TRL preference file (JSONL or .parquet)")
+    p.add_argument("--task")
+    p.add_argument("--out", help="output file (.jsonl or .parquet)")
+    p.add_argument("--max-per-problem", type=int, default=4)
+    p.add_argument("--no-dedup", action="store_true", help="keep identical chains")
+    p.add_argument("--no-reference", action="store_true", help="never use reference chains as chosen")
+    p.add_argument("--import", dest="import_file", help="import a preference file into the store instead")
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_pairs)
+
+    p = sub.add_parser("eval", help="base vs tuned on the same held-out problems")
+    p.add_argument("--task", required=True)
+    p.add_argument("--models", default="base", help="comma-separated: base (embedded), tuned names, folders, URLs")
+    p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--problems", help="your own problems: a JSONL file in the task's format")
+    p.add_argument("--max-steps", type=int, default=10, help="step limit (the paper reports 10 and 20)")
+    p.add_argument("--max-new-tokens", type=int, default=160)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--report", help="HTML report path (default: the data folder's reports/)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible endpoint for a local model")
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require this bearer key (needed for a non-loopback host)")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("models", help="list tuned models, newest first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("app", help="start the Gradio app")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", help="user:password (required for a non-loopback host)")
+    p.add_argument("--db", help="SQLite database path")
+    p.set_defaults(func=cmd_app)
+    return parser
+
+
+QUIET_ENV = {"HF_HUB_DISABLE_TELEMETRY": "1", "GRADIO_ANALYTICS_ENABLED": "False", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    for key, value in QUIET_ENV.items():  # no telemetry, no analytics: nothing calls outside hosts
+        os.environ.setdefault(key, value)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        _print("\ninterrupted")
+        return 130
+    except (KeyError, ValueError, OSError, RuntimeError) as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        sys.stderr.write(f"error: {message}\n")
+        return 2

@@ -1,0 +1,159 @@
+"""Teacher generation (stage 3 of the paper): K sampled chains per problem, each verified against the
+ground truth and committed to the store the moment it finishes.
+
+Resumable by construction: every planned chain has a generation key (task, problem, model, seed,
+sample, settings); a re-run skips keys already stored, so a crash or Ctrl-C loses nothing finished
+and redoes nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Iterator
+
+from fcapp.agent import Chain
+from fcapp.models.base import ChatModel
+from fcapp.solve import SolveConfig, reference_chain, solve
+from fcapp.store import Store, chain_key
+from fcapp.tasks import get_task
+from fcapp.tasks.base import Problem, Task
+
+
+@dataclass
+class GenerateConfig:
+    task: str
+    teacher: str = "smollm2"
+    samples: int = 4
+    limit: int | None = None
+    split: str = "train"
+    temperature: float = 0.8
+    top_p: float = 0.95
+    max_steps: int = 10
+    max_new_tokens: int = 160
+    concurrency: int = 1
+    seed: int = 0
+    reference: bool = False  # also store the problems' reference chains, marked as such
+
+    def solve_config(self, sample: int) -> SolveConfig:
+        return SolveConfig(self.max_steps, self.temperature, self.top_p, self.max_new_tokens, self.seed + sample)
+
+
+@dataclass
+class Job:
+    problem: Problem
+    sample: int
+    key: str
+
+
+@dataclass
+class GenerateStats:
+    planned: int = 0
+    skipped: int = 0  # already in the store from an earlier run
+    done: int = 0
+    correct: int = 0
+    failed: int = 0
+    references: int = 0
+    started: float = field(default_factory=time.time)
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def chains_per_min(self) -> float:
+        return 60 * self.done / max(time.time() - self.started, 1e-9)
+
+    @property
+    def correct_rate(self) -> float:
+        return self.correct / self.done if self.done else 0.0
+
+    def summary(self) -> dict:
+        return asdict(self) | {"chains_per_min": round(self.chains_per_min, 2), "correct_rate": round(self.correct_rate, 3)}
+
+
+def select_problems(task: Task, split: str, limit: int | None) -> list[Problem]:
+    problems = task.split(split)
+    return problems[:limit] if limit else problems
+
+
+def plan(config: GenerateConfig, model_id: str, store: Store) -> tuple[list[Job], int]:
+    """The chains still to generate (and how many are already stored)."""
+    task = get_task(config.task)
+    settings = asdict(config.solve_config(0)) | {"seed": config.seed}
+    existing = store.existing_keys(task.name, model_id)
+    jobs, skipped = [], 0
+    for problem in select_problems(task, config.split, config.limit):
+        for sample in range(config.samples):
+            key = chain_key(task.name, problem.id, model_id, config.seed + sample, settings, sample)
+            if key in existing:
+                skipped += 1
+            else:
+                jobs.append(Job(problem, sample, key))
+    return jobs, skipped
+
+
+def add_references(task: Task, problems: list[Problem], store: Store) -> int:
+    """Store each problem's verified reference chain (idempotent)."""
+    added = 0
+    for problem in problems:
+        chain = reference_chain(task, problem)
+        if chain is not None and chain.verdict:
+            store.add_chain(chain, chain.verdict, role="reference")
+            added += 1
+    return added
+
+
+def generate(
+    config: GenerateConfig,
+    store: Store,
+    model: ChatModel,
+    on_chain: Callable[[GenerateStats, Chain | None], None] | None = None,
+    stop: threading.Event | None = None,
+) -> GenerateStats:
+    """Run the plan; `on_chain` is called after each stored chain (for progress bars / live plots)."""
+    task = get_task(config.task)
+    problems = select_problems(task, config.split, config.limit)
+    store.add_problems(problems)
+    jobs, skipped = plan(config, model.model_id, store)
+    stats = GenerateStats(planned=len(jobs), skipped=skipped)
+    if config.reference:
+        stats.references = add_references(task, problems, store)
+    stop = stop or threading.Event()
+
+    def run(job: Job) -> Chain:
+        return solve(task, job.problem, model, config.solve_config(job.sample))
+
+    for job, outcome in _run_jobs(jobs, run, max(1, config.concurrency), stop):
+        if isinstance(outcome, BaseException):
+            stats.failed += 1
+            stats.errors.append(f"{job.problem.id}#{job.sample}: {outcome}")
+            if on_chain:
+                on_chain(stats, None)
+            continue
+        store.add_chain(outcome, outcome.verdict, key=job.key, sample=job.sample, role="teacher")
+        stats.done += 1
+        stats.correct += bool(outcome.verdict)
+        if on_chain:
+            on_chain(stats, outcome)
+    return stats
+
+
+def _run_jobs(jobs: list[Job], run: Callable[[Job], Chain], concurrency: int,
+              stop: threading.Event) -> Iterator[tuple[Job, Chain | BaseException]]:
+    """Yield (job, chain or exception) as each finishes, at most `concurrency` in flight."""
+    pending = iter(jobs)
+    with ThreadPoolExecutor(max_workers=concurrency, thread_name_prefix="generate") as pool:
+        in_flight: dict[Future, Job] = {}
+        while True:
+            while not stop.is_set() and len(in_flight) < concurrency:
+                job = next(pending, None)
+                if job is None:
+                    break
+                in_flight[pool.submit(run, job)] = job
+            if not in_flight:
+                return
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = in_flight.pop(future)
+                error = future.exception()
+                yield job, error if error is not None else future.result()

@@ -1,0 +1,78 @@
+"""Solve one problem of a task with a model: the one entry point the CLI, the app, generation and
+evaluation share (task -> tools + demonstration -> agent -> verified chain)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator
+
+from fcapp.agent import Agent, AgentConfig, Chain, Event, demonstration
+from fcapp.models.base import ChatModel, Message, SamplingParams
+from fcapp.tasks.base import Problem, Task
+
+
+@dataclass
+class SolveConfig:
+    """Chain settings. The paper reports step limits of 10 and 20."""
+
+    max_steps: int = 10
+    temperature: float = 0.0
+    top_p: float = 1.0
+    max_new_tokens: int = 160
+    seed: int = 0
+
+    def agent_config(self) -> AgentConfig:
+        return AgentConfig(self.max_steps, sampling=SamplingParams(self.temperature, self.top_p, self.max_new_tokens))
+
+
+@lru_cache(maxsize=None)
+def _demo(task: Task) -> tuple[Message, ...]:
+    problem, calls = task.demonstration()
+    return tuple(demonstration(task.tools(problem), problem.question, calls))
+
+
+def build_agent(task: Task, problem: Problem, config: SolveConfig | None = None) -> Agent:
+    """The agent for `problem`: its task's tools, the task's worked example, the chain settings."""
+    from fcapp.user_tools import tools_for  # built-in tools + the user functions switched on for the task
+
+    return Agent(tools_for(task, problem), list(_demo(task)), (config or SolveConfig()).agent_config())
+
+
+def start_chain(task: Task, problem: Problem, model_id: str, config: SolveConfig | None = None) -> tuple[Agent, Chain]:
+    config = config or SolveConfig()
+    agent = build_agent(task, problem, config)
+    return agent, agent.start(task.name, problem.id, problem.question, model_id, config.seed)
+
+
+def finish(task: Task, problem: Problem, chain: Chain) -> Chain:
+    """Attach the verifier's verdict (None when the problem has no ground truth)."""
+    chain.verdict = task.verify(problem, chain.answer) if problem.answer else None
+    return chain
+
+
+def solve_events(task: Task, problem: Problem, model: ChatModel, config: SolveConfig | None = None) -> Iterator[Event]:
+    """Stream a chain's events; the final `done` event carries the verified chain."""
+    agent, chain = start_chain(task, problem, model.model_id, config)
+    for event in agent.run(model, chain):
+        if event.kind == "done":
+            finish(task, problem, chain)
+        yield event
+
+
+def solve(task: Task, problem: Problem, model: ChatModel, config: SolveConfig | None = None) -> Chain:
+    chain: Chain | None = None
+    for event in solve_events(task, problem, model, config):
+        chain = event.chain or chain
+    assert chain is not None
+    return chain
+
+
+def reference_chain(task: Task, problem: Problem) -> Chain | None:
+    """The problem's known-correct chain (GSM8K annotations, solver-built FOL chains), verified."""
+    calls = task.reference_calls(problem)
+    if calls is None:
+        return None
+    agent, chain = start_chain(task, problem, "reference")
+    agent.replay(chain, calls)
+    return finish(task, problem, chain)

@@ -1,0 +1,321 @@
+"""First-order logic tasks: FOLIO (human-written stories) and a seeded generator of small rule
+problems. Both label a conclusion True / False / Unknown and give the model the same tools
+(`logic_toolkit`), whose `check` decides any formula from the problem's premises with z3.
+"""
+
+from __future__ import annotations
+
+import itertools
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+from fcapp.agent import FINAL_ANSWER, Call
+from fcapp.tasks.base import Problem, Task, read_jsonl, split_of
+from fcapp.tools.base import Registry, ToolError
+from fcapp.tools.logic import FormulaError, consistent, decide_parsed, logic_toolkit, parse
+
+FOLIO_PATH = Path(__file__).resolve().parents[2] / "assets" / "folio" / "train.jsonl"
+_LABELS = {"true": "True", "yes": "True", "false": "False", "no": "False",
+           "unknown": "Unknown", "uncertain": "Unknown", "undetermined": "Unknown"}
+
+
+def normalise_label(text: Any) -> str | None:
+    """"True" / "False" / "Unknown" from answer text, forgiving case, quotes, markup and a trailing
+    full stop ("**true**." -> "True"); None for anything else (no guessing inside sentences)."""
+    if isinstance(text, bool):
+        return str(text)
+    if not isinstance(text, str):
+        return None
+    return _LABELS.get(re.sub(r"^[\W_]+|[\W_]+$", "", text).lower())
+
+
+def render_question(premises: list[str], premises_fol: list[str], conclusion: str, conclusion_fol: str | None) -> str:
+    """Compact question: each premise in words and in FOL, the conclusion, the three labels."""
+    lines = ["Premises:"]
+    for number, (words, formula) in enumerate(itertools.zip_longest(premises, premises_fol, fillvalue=""), start=1):
+        lines.append(f"{number}. {' '.join(part for part in (words.strip(), formula.strip()) if part)}")
+    if conclusion_fol:
+        lines.append(f"Conclusion: {' '.join(part for part in (conclusion.strip(), conclusion_fol.strip()) if part)}")
+        lines.append("Is the conclusion True, False or Unknown?")
+    else:
+        lines.append(f"Conclusion: {conclusion.strip()}")
+        lines.append("Write the conclusion as a formula with the premises' predicates and check it. "
+                     "Is the conclusion True, False or Unknown?")
+    return "\n".join(lines)
+
+
+def _text_list(record: dict[str, Any], key: str, required: bool) -> list[str]:
+    """A list of strings, or one newline-joined string, from a record field."""
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise ValueError(f"missing field {key!r}")
+        return []
+    if isinstance(value, str):
+        value = value.splitlines()
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"field {key!r} must be a list of strings or a newline-separated string")
+    return value
+
+
+def _text(record: dict[str, Any], key: str, required: bool) -> str | None:
+    value = record.get(key)
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise ValueError(f"missing field {key!r}")
+        return None
+    if not isinstance(value, str):
+        raise ValueError(f"field {key!r} must be a string, got {type(value).__name__}")
+    return value.strip()
+
+
+def _checked_formula(text: str, where: str) -> str:
+    try:
+        parse(text)
+    except FormulaError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    return text.strip()
+
+
+class _FolTask(Task):
+    """What FOLIO and the generator share: the record format, tools, verifier and reference chain."""
+
+    require_conclusion_fol: bool
+
+    def tools(self, problem: Problem) -> Registry:
+        return logic_toolkit(problem.meta["premises_fol"])
+
+    def verify(self, problem: Problem, answer: str | None) -> bool:
+        return normalise_label(answer) == problem.answer
+
+    def reference_calls(self, problem: Problem) -> list[Call] | None:
+        """check(conclusion) then the label, when the conclusion's FOL exists and z3 agrees with the label."""
+        conclusion_fol = problem.meta.get("conclusion_fol")
+        if not conclusion_fol:
+            return None
+        try:
+            verdict = decide_parsed([parse(f) for f in problem.meta["premises_fol"]], parse(conclusion_fol))
+        except ToolError:
+            return None
+        if verdict != problem.answer:
+            return None
+        return [Call("check", {"conclusion": conclusion_fol}), Call(FINAL_ANSWER, {"answer": problem.answer})]
+
+    def parse_record(self, record: dict[str, Any], index: int) -> Problem:
+        """A FOLIO-format record: premises, premises-FOL, conclusion, conclusion-FOL, label."""
+        premises = _text_list(record, "premises", required=False)
+        raw_fol = _text_list(record, "premises-FOL", required=True)
+        premises_fol = [_checked_formula(f, f"premises-FOL[{i}]") for i, f in enumerate(raw_fol) if f.strip()]
+        if not premises_fol:
+            raise ValueError("field 'premises-FOL' holds no formula")
+        conclusion_fol = _text(record, "conclusion-FOL", required=self.require_conclusion_fol)
+        if conclusion_fol:
+            conclusion_fol = _checked_formula(conclusion_fol, "conclusion-FOL")
+        conclusion = _text(record, "conclusion", required=not conclusion_fol) or ""
+        label = self.record_label(record, premises_fol, conclusion_fol)
+        return Problem(
+            id=self.record_id(record, index),
+            task=self.name,
+            question=render_question(premises, premises_fol if not premises else raw_fol, conclusion, conclusion_fol),
+            answer=label,
+            meta={"premises": premises, "premises_fol": premises_fol, "conclusion": conclusion,
+                  "conclusion_fol": conclusion_fol},
+        )
+
+    def record_id(self, record: dict[str, Any], index: int) -> str:
+        if isinstance(record.get("id"), (str, int)) and str(record["id"]).strip():
+            return str(record["id"]).strip()
+        if isinstance(record.get("example_id"), (str, int)):
+            return f"{self.name}-{record['example_id']}"
+        return f"{self.name}-{index}"
+
+    def record_label(self, record: dict[str, Any], premises_fol: list[str], conclusion_fol: str | None) -> str:
+        if "label" not in record:
+            raise ValueError("missing field 'label' (True, False or Unknown)")
+        label = normalise_label(record["label"])
+        if label is None:
+            raise ValueError(f"field 'label' must be True, False or Unknown, got {record['label']!r}")
+        return label
+
+
+class FolioTask(_FolTask):
+    """FOLIO: stories with FOL premises and a natural-language conclusion to label."""
+
+    name = "folio"
+    description = "FOLIO first-order logic stories: is the conclusion True, False or Unknown?"
+    require_conclusion_fol = False
+
+    def __init__(self, path: str | Path = FOLIO_PATH) -> None:
+        self.path = Path(path)
+        self._problems: list[Problem] | None = None
+        self.skipped: list[str] = []  # records whose FOL does not parse (annotation errors in the data)
+
+    def problems(self) -> list[Problem]:
+        if self._problems is None:
+            problems = []
+            for line, record in read_jsonl(self.path):
+                try:
+                    problems.append(self.parse_record(record, line))
+                except ValueError as exc:
+                    self.skipped.append(f"{self.path.name}:{line}: {exc}")
+            self._problems = problems
+        return self._problems
+
+    def demonstration(self) -> tuple[Problem, list[Call]]:
+        """A short generated problem, shown as FOLIO shows its problems (conclusion in words only)."""
+        demo, calls = _demonstration(self.name)
+        meta = demo.meta
+        demo.question = render_question(meta["premises"], meta["premises_fol"], meta["conclusion"], None)
+        return demo, calls
+
+
+# ---- generator --------------------------------------------------------------------------------
+
+NAMES = ("tom", "anna", "bob", "lily", "max", "emma", "sam", "mia", "leo", "zoe", "ben", "eva", "dan", "kim")
+ADJECTIVES = ("furry", "happy", "kind", "smart", "quiet", "young", "brave", "calm", "clever", "funny", "gentle",
+              "honest", "lazy", "loud", "polite", "proud", "rich", "shy", "strong", "tall", "wise", "busy", "cold",
+              "green", "red", "round", "rough", "nice")
+_ATTEMPTS = 200
+
+
+def _literal(adjective: str, entity: str, positive: bool) -> tuple[str, str]:
+    """("Tom is not furry.", "¬Furry(tom)")"""
+    words = f"{entity.capitalize()} is {'' if positive else 'not '}{adjective}."
+    return words, f"{'' if positive else '¬'}{adjective.capitalize()}({entity})"
+
+
+def _rule(body: list[str], head: str, positive: bool) -> tuple[str, str]:
+    """("If something is furry and kind, then it is happy.", "∀x (Furry(x) ∧ Kind(x) → Happy(x))")"""
+    words = f"If something is {' and '.join(body)}, then it is {'' if positive else 'not '}{head}."
+    condition = " ∧ ".join(f"{b.capitalize()}(x)" for b in body)
+    return words, f"∀x ({condition} → {'' if positive else '¬'}{head.capitalize()}(x))"
+
+
+class FolGenTask(_FolTask):
+    """Generated rule problems: facts, rules chained `depth` steps deep, distractors, one query.
+
+    Problem i is built from its own seeded random stream (so it does not depend on n), aiming at
+    label True / False / Unknown in turn; z3 decides the real label and the candidate is kept only
+    when it hits the aim with consistent premises, so labels are exact and balanced.
+    """
+
+    name = "fol"
+    description = "Generated first-order logic rule problems: is the conclusion True, False or Unknown?"
+    require_conclusion_fol = True
+
+    def __init__(self, n: int = 600, seed: int = 0, depth: int = 3, distractors: int = 2,
+                 conjunction_rate: float = 0.25) -> None:
+        if n < 0 or depth < 1 or distractors < 0 or not 0 <= conjunction_rate <= 1:
+            raise ValueError("need n >= 0, depth >= 1, distractors >= 0 and 0 <= conjunction_rate <= 1")
+        if 2 * depth + 2 * distractors + 3 > len(ADJECTIVES):
+            raise ValueError(f"depth and distractors too large for {len(ADJECTIVES)} predicates")
+        self.n, self.seed, self.depth = n, seed, depth
+        self.distractors, self.conjunction_rate = distractors, conjunction_rate
+        self._problems: list[Problem] | None = None
+
+    def problems(self) -> list[Problem]:
+        if self._problems is None:
+            self._problems = [self.generate(i) for i in range(self.n)]
+        return self._problems
+
+    def generate(self, index: int) -> Problem:
+        """Problem `index` of this generator (the same on every run and machine)."""
+        target = ("True", "False", "Unknown")[index % 3]
+        for attempt in range(_ATTEMPTS):
+            rng = random.Random(f"fol:{self.seed}:{index}:{attempt}")
+            premises, conclusion, depth = self._candidate(rng, target)
+            parsed = [parse(fol) for _, fol in premises]
+            verdict = decide_parsed(parsed, parse(conclusion[1]))
+            if verdict == target and (verdict != "True" or consistent(parsed)):  # inconsistent premises prove all
+                return Problem(
+                    id=f"fol-{self.seed}-{index}",
+                    task=self.name,
+                    question=render_question([w for w, _ in premises], [f for _, f in premises], *conclusion),
+                    answer=target,
+                    meta={"premises": [w for w, _ in premises], "premises_fol": [f for _, f in premises],
+                          "conclusion": conclusion[0], "conclusion_fol": conclusion[1], "depth": depth},
+                )
+        raise RuntimeError(f"no {target} problem found for index {index} in {_ATTEMPTS} attempts")
+
+    def _candidate(self, rng: random.Random, target: str) -> tuple[list[tuple[str, str]], tuple[str, str], int]:
+        """Premises and query aimed at `target`: a chain subject -> p0 -> ... -> p_depth, broken for Unknown."""
+        depth = rng.randint(1, self.depth)
+        subject, *others = rng.sample(NAMES, 3)
+        chain_length = depth + 1
+        adjectives = rng.sample(ADJECTIVES, chain_length + depth + 2 * self.distractors + 2)
+        chain, extras, spare = (adjectives[:chain_length], adjectives[chain_length:chain_length + depth],
+                                 adjectives[chain_length + depth:])
+        head_positive = rng.random() < 0.5
+        facts = [(chain[0], subject, True)]
+        rules = []
+        for step in range(depth):
+            body = [chain[step]]
+            if rng.random() < self.conjunction_rate:
+                body.append(extras[step])
+                facts.append((extras[step], subject, True))
+            rules.append((body, chain[step + 1], head_positive or step < depth - 1))
+        if target == "Unknown":
+            self._break_chain(rng, facts, rules, others[0], spare[0])
+            query_positive = rng.random() < 0.5
+        else:
+            query_positive = head_positive == (target == "True")
+        premises = [_literal(a, e, p) for a, e, p in facts] + [_rule(b, h, p) for b, h, p in rules]
+        premises += [self._distractor(rng, spare, chain, others) for _ in range(self.distractors)]
+        rng.shuffle(premises)
+        return premises, _literal(chain[-1], subject, query_positive), depth
+
+    @staticmethod
+    def _break_chain(rng: random.Random, facts: list, rules: list, other: str, detour: str) -> None:
+        """Make the query underivable: the first fact about someone else or negated, a missing
+        condition of a conjunction, or one link starting from an unrelated property."""
+        way = rng.choice(("other", "negated", "detour", "drop_fact"))
+        adjective, subject, _ = facts[0]
+        if way == "other":
+            facts[0] = (adjective, other, True)
+        elif way == "negated":
+            facts[0] = (adjective, subject, False)
+        elif way == "drop_fact" and len(facts) > 1:
+            del facts[rng.randrange(1, len(facts))]
+        else:
+            step = rng.randrange(len(rules))
+            body, head, positive = rules[step]
+            rules[step] = ([detour, *body[1:]], head, positive)
+
+    @staticmethod
+    def _distractor(rng: random.Random, spare: list[str], chain: list[str], others: list[str]) -> tuple[str, str]:
+        """A fact about another entity, or a rule that leads away from the query's predicate."""
+        kind = rng.choice(("fact", "rule", "branch"))
+        if kind == "fact":
+            return _literal(rng.choice(spare + chain[:-1]), rng.choice(others), rng.random() < 0.7)
+        body = rng.choice(chain[:-1]) if kind == "branch" else rng.choice(spare)
+        head = rng.choice([s for s in spare if s != body])
+        return _rule([body], head, rng.random() < 0.7)
+
+    def record_label(self, record: dict[str, Any], premises_fol: list[str], conclusion_fol: str | None) -> str:
+        """The solver's verdict; a label in the record must agree with it."""
+        try:
+            verdict = decide_parsed([parse(f) for f in premises_fol], parse(conclusion_fol or ""))
+        except ToolError as exc:
+            raise ValueError(f"cannot decide the problem: {exc}") from None
+        if "label" in record and normalise_label(record["label"]) != verdict:
+            raise ValueError(f"label {record['label']!r} disagrees with the solver, which finds {verdict}")
+        return verdict
+
+    def demonstration(self) -> tuple[Problem, list[Call]]:
+        return _demonstration(self.name)
+
+
+def _demonstration(task: str) -> tuple[Problem, list[Call]]:
+    """A fixed two-step problem (chain depth 2, one distractor) whose id is in the train split."""
+    generator = FolGenTask(n=0, seed=0, depth=2, distractors=1, conjunction_rate=0.0)
+    for index in itertools.count():
+        problem = generator.generate(index)
+        demo_id = f"{task}-demo-{index}"
+        if problem.answer == "False" and problem.meta["depth"] == 2 and split_of(demo_id) == "train":
+            problem.id, problem.task = demo_id, task
+            calls = generator.reference_calls(problem)
+            assert calls is not None
+            return problem, calls
+    raise AssertionError("unreachable")

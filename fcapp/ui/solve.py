@@ -1,0 +1,131 @@
+"""Solve (live) tab: one problem, one model, the chain streamed token by token and step by step."""
+
+from __future__ import annotations
+
+import time
+
+import gradio as gr
+
+from fcapp.solve import SolveConfig, solve_events
+from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, default_task, get_model, get_problem,
+                             model_choices, problem_choices, short, task_choices, verdict_text)
+
+MODEL_HELP = ("'smollm2' (embedded), a tuned model's name, or an OpenAI-compatible server as "
+              "http://HOST:PORT/v1#MODEL (its key is read from the environment variable below)")
+
+
+def problem_update(task: str | None, split: str):
+    choices = problem_choices(task, split)
+    return gr.update(choices=choices, value=choices[0][1] if choices else None)
+
+
+def problem_text(task: str | None, problem_id: str | None) -> str:
+    if not task or not problem_id:
+        return ""
+    from fcapp.tasks import get_task
+
+    try:
+        problem = get_task(task).get(problem_id)
+    except KeyError as exc:
+        return f"✗ {exc}"
+    return f"**{problem.id}** ({problem.split}) · expected answer: `{problem.answer}`\n\n{problem.question}"
+
+
+def stream_chain(task_obj, problem, model, config: SolveConfig, view: ChainView, every_s: float = 0.08):
+    """Feed `view` from a live chain; yields whenever there is something new worth drawing."""
+    events = solve_events(task_obj, problem, model, config)
+    last = 0.0
+    try:
+        for event in events:
+            view.feed(event)
+            now = time.monotonic()
+            if event.kind != "token" or now - last >= every_s:
+                last = now
+                yield event
+    finally:
+        events.close()  # a cancelled run stops generating at once
+
+
+def summary(chain) -> str:
+    return (f"{len(chain.steps)} steps · {chain.valid_calls} valid calls · {chain.completion_tokens} tokens · "
+            f"{chain.elapsed_s:.1f} s · stop: {chain.stop_reason}")
+
+
+def build(ctx: Context) -> None:
+    def run(task, split, problem_id, question, expected, spec, key_env, max_steps, temperature, top_p,
+            max_new_tokens, seed, save):
+        try:
+            task_obj, problem = get_problem(task, problem_id, question, expected)
+        except (ValueError, KeyError) as exc:
+            yield [], f"✗ {exc}"
+            return
+        spec = (spec or EMBEDDED).strip()
+        view = ChainView(problem.question, problem.answer or None)
+        yield view.messages(), f"Loading {spec}…"
+        with busy(f"Solve: {short(problem.id, 30)} with {short(spec, 40)}"):
+            try:
+                model = get_model(spec, key_env or "OPENAI_API_KEY")
+            except Exception as exc:  # noqa: BLE001 - any load failure is shown, the app goes on
+                yield view.messages(), f"✗ Cannot load model {spec!r}: {exc}"
+                return
+            config = SolveConfig(int(max_steps), float(temperature), float(top_p), int(max_new_tokens), int(seed))
+            yield view.messages(), f"Solving with {spec}…"
+            try:
+                for _ in stream_chain(task_obj, problem, model, config, view):
+                    yield view.messages(), f"Solving with {spec}… step {len(view.steps)}"
+            except Exception as exc:  # noqa: BLE001 - e.g. an unreachable server mid-chain
+                view.stop(f"Stopped by an error: {exc}")
+                yield view.messages(), f"✗ {exc}"
+                return
+        chain = view.chain
+        if chain is None:
+            return
+        note = f"{verdict_text(chain.verdict, chain.answer, problem.answer)}\n\n{summary(chain)}"
+        if save:
+            if problem.id != "custom":
+                ctx.store.add_problems([problem])
+            chain_id = ctx.store.add_chain(chain, chain.verdict, role="live")
+            note += f" · saved as chain {chain_id}"
+        yield view.messages(), note
+
+    with gr.Tab("Solve (live)", id="solve", elem_id="tab-solve"):
+        with gr.Row():
+            task = gr.Dropdown(list(task_choices()), value=default_task(), label="Task", elem_id="solve-task", scale=1)
+            split = gr.Radio(["heldout", "train"], value="heldout", label="Split", elem_id="solve-split", scale=1)
+            initial = problem_choices(default_task(), "heldout")
+            problem = gr.Dropdown(initial, value=initial[0][1] if initial else None, label="Problem",
+                                  elem_id="solve-problem", scale=3)
+        problem_md = gr.Markdown(problem_text(default_task(), initial[0][1] if initial else None),
+                                 elem_id="solve-problem-text")
+        with gr.Accordion("…or type your own problem", open=False):
+            question = gr.Textbox(label="Question (leave empty to use the picked problem)", lines=3,
+                                  elem_id="solve-question")
+            expected = gr.Textbox(label="Expected answer (optional, for a verdict)", elem_id="solve-expected")
+        with gr.Row():
+            model = gr.Dropdown(model_choices(), value=EMBEDDED, allow_custom_value=True, label="Model",
+                                info=MODEL_HELP, elem_id="solve-model", scale=3)
+            run_btn = gr.Button("Solve", variant="primary", elem_id="solve-run", scale=1)
+            stop_btn = gr.Button("Stop", variant="stop", elem_id="solve-stop", scale=1)
+        with gr.Accordion("Sampling settings", open=False, elem_id="solve-settings"):
+            with gr.Row():
+                max_steps = gr.Slider(1, 20, value=10, step=1, label="Step limit", elem_id="solve-max-steps")
+                max_new = gr.Slider(16, 512, value=160, step=8, label="Max new tokens per step",
+                                    elem_id="solve-max-new")
+                temperature = gr.Slider(0, 1.5, value=0.0, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
+            with gr.Row():
+                seed = gr.Number(0, precision=0, label="Seed")
+                key_env = gr.Textbox("OPENAI_API_KEY", label="API key environment variable (HTTP models)")
+                save = gr.Checkbox(False, label="Save the chain to the store (for curation)")
+        verdict = gr.Markdown(elem_id="solve-verdict")
+        chat = gr.Chatbot(label="Chain", height=560, elem_id="solve-chat", group_consecutive_messages=False,
+                          buttons=["copy_all"])
+
+        task.change(problem_update, [task, split], problem)
+        split.change(problem_update, [task, split], problem)
+        problem.change(problem_text, [task, problem], problem_md)
+        event = run_btn.click(run, [task, split, problem, question, expected, model, key_env, max_steps,
+                                    temperature, top_p, max_new, seed, save], [chat, verdict],
+                              concurrency_limit=1, concurrency_id=MODEL_SLOT)
+        stop_btn.click(lambda: "Stopped.", None, verdict, cancels=[event])
+        ctx.loaders.append((lambda: gr.update(choices=model_choices()), [], [model]))

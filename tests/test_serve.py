@@ -1,0 +1,168 @@
+"""`fcapp serve` over the real embedded model, spoken to over real HTTP on 127.0.0.1 by the official
+openai client and by httpx: chat (streamed and not), sampling settings, stop strings, errors,
+API keys, and generation stopping when the client goes away."""
+
+from __future__ import annotations
+
+import json
+import threading
+from typing import Any, Iterator
+
+import httpx
+import openai
+import pytest
+
+from fcapp.models.base import Chunk, SamplingParams
+from fcapp.serve import Reply, ServerThread, build_app, check_exposure, serve
+
+HI = [{"role": "user", "content": "Say hello to Ada."}]
+
+
+@pytest.fixture(scope="module")
+def served(small_model) -> Iterator[ServerThread]:
+    with ServerThread(build_app(small_model)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def client(served) -> openai.OpenAI:
+    return openai.OpenAI(base_url=served.url, api_key="unused", max_retries=0)
+
+
+def test_models_lists_the_served_model(client, small_model):
+    assert [m.id for m in client.models.list()] == [small_model.model_id]
+
+
+def test_chat_streamed_and_not_gives_the_same_greedy_text(client, small_model):
+    kw: dict[str, Any] = {"model": small_model.model_id, "messages": HI, "temperature": 0, "max_tokens": 12}
+    whole = client.chat.completions.create(**kw)
+    choice = whole.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert whole.usage.completion_tokens <= 12 and whole.usage.prompt_tokens > 0
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + whole.usage.completion_tokens
+
+    chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == choice.message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [choice.finish_reason]
+    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == whole.usage.model_dump()
+
+
+def test_max_completion_tokens_limits_the_reply(client, small_model):
+    reply = client.chat.completions.create(model=small_model.model_id, messages=HI, temperature=0,
+                                           max_completion_tokens=3)
+    assert reply.usage.completion_tokens == 3 and reply.choices[0].finish_reason == "length"
+
+
+def test_a_seed_makes_sampling_repeatable(client, small_model):
+    kw: dict[str, Any] = {"model": small_model.model_id, "messages": HI, "temperature": 1.0, "top_p": 0.9,
+                          "max_tokens": 8, "seed": 11}
+    first, second = (client.chat.completions.create(**kw).choices[0].message.content for _ in range(2))
+    assert first == second
+
+
+def test_stop_strings_are_cut_from_the_reply(client, small_model):
+    kw: dict[str, Any] = {"model": small_model.model_id, "messages": HI, "temperature": 0, "max_tokens": 12}
+    full = client.chat.completions.create(**kw).choices[0].message.content
+    words = full.split()
+    assert len(words) >= 3, full
+    stop = " " + words[2]  # a multi-character stop string in the middle of the reply
+    expected = full[:full.index(stop)]
+    whole = client.chat.completions.create(**kw, stop=[stop, "never appears"])
+    assert whole.choices[0].message.content == expected and whole.choices[0].finish_reason == "stop"
+    chunks = list(client.chat.completions.create(**kw, stop=stop, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+
+
+def test_reply_holds_back_only_what_could_start_a_stop_string():
+    reply = Reply(SamplingParams(max_new_tokens=10, stop=["END"]))
+    assert reply.feed(Chunk("abc E", 5, 1)) == "abc "  # "E" might begin "END"
+    assert reply.feed(Chunk("x", 5, 2)) == "Ex"
+    assert reply.feed(Chunk("yEN", 5, 3)) == "y"
+    assert reply.feed(Chunk("Dzz", 5, 4)) == "" and reply.stopped
+    assert reply.content == "abc Exy" and reply.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"messages": []}, "messages"),
+    ({"messages": HI, "temperature": 3}, "temperature"),
+    ({"messages": [{"role": "robot", "content": "hi"}]}, "messages.0.role"),
+    ({"messages": HI, "max_tokens": 0}, "max_tokens"),
+    ({"messages": HI, "n": 2}, "n"),
+])
+def test_invalid_requests_get_400_with_an_openai_error(served, small_model, body, param):
+    response = httpx.post(f"{served.url}/chat/completions", json={"model": small_model.model_id, **body})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["param"] == param and error["message"]
+
+
+def test_bad_json_and_unknown_models_are_refused(served, client):
+    response = httpx.post(f"{served.url}/chat/completions", content=b"{oops",
+                          headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and response.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError, match="does not exist here"):
+        client.chat.completions.create(model="gpt-9", messages=HI)
+
+
+class Recorder:
+    """The real model, with a record of how its stream ended."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.model_id = model, model.model_id
+        self.ended = threading.Event()
+        self.exhausted = False
+        self.tokens = 0
+
+    def stream(self, messages, tools=None, params=None) -> Iterator[Chunk]:
+        try:
+            for chunk in self.model.stream(messages, tools, params):
+                self.tokens = chunk.completion_tokens or self.tokens
+                yield chunk
+            self.exhausted = True
+        finally:
+            self.ended.set()
+
+
+COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
+
+
+@pytest.mark.parametrize("stream", [True, False])
+def test_generation_stops_when_the_client_goes_away(small_model, stream):
+    recorder = Recorder(small_model)
+    body = {"model": small_model.model_id, "messages": COUNT, "temperature": 0, "max_tokens": 400, "stream": stream}
+    with ServerThread(build_app(recorder)) as server:
+        if stream:
+            with httpx.stream("POST", f"{server.url}/chat/completions", json=body) as response:
+                for line in response.iter_lines():
+                    if line.startswith("data:") and json.loads(line[5:])["choices"][0]["delta"].get("content"):
+                        break  # the first text arrived: hang up
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{server.url}/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
+        assert recorder.ended.wait(30)
+    assert not recorder.exhausted and recorder.tokens < 400
+
+
+def test_an_api_key_is_required_when_set(small_model):
+    with ServerThread(build_app(small_model, api_key="s3cret")) as server:
+        assert httpx.get(f"{server.url}/models").status_code == 401
+        wrong = httpx.get(f"{server.url}/models", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=server.url, api_key="nope", max_retries=0).models.list()
+        good = openai.OpenAI(base_url=server.url, api_key="s3cret", max_retries=0)
+        assert [m.id for m in good.models.list()] == [small_model.model_id]
+
+
+def test_a_public_host_needs_an_api_key():
+    with pytest.raises(ValueError, match="without an API key"):
+        serve("smollm2", "0.0.0.0", 0)  # refused before any model loads
+    with pytest.raises(ValueError, match="without an API key"):
+        check_exposure("192.168.1.10", None)
+    check_exposure("0.0.0.0", "key")
+    for host in ("127.0.0.1", "localhost", "::1"):
+        check_exposure(host, None)
