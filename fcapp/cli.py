@@ -169,10 +169,53 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    import time
+
+    from tqdm import tqdm
+
+    from fcapp.train import TrainConfig, start_training
+
+    name = args.name or (os.path.basename(os.path.normpath(args.out)) if args.out else time.strftime("dpo-%Y%m%d-%H%M%S"))
+    config = TrainConfig(pairs=args.pairs, name=name, base=args.base, method=args.method, epochs=args.epochs,
+                         learning_rate=args.lr, beta=args.beta, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                         max_length=args.max_length, max_steps=args.max_steps, sft_warmup_steps=args.sft_warmup_steps,
+                         resume=args.resume, out_dir=args.out)
+    job = start_training(config)
+    _print(f"training {name} in a worker process (pid {job.pid}); log: {job.log_path}")
+    bar = tqdm(desc=f"train {name}", unit="step", dynamic_ncols=True)
+    try:
+        while True:
+            info = job.poll()
+            log = [row for row in job.read_log() if "loss" in row]
+            if log:
+                last = log[-1]
+                bar.total = info.get("max_steps") or bar.total
+                bar.n = last.get("step", bar.n)
+                bar.set_postfix(loss=f"{last['loss']:.3f}", margin=f"{last.get('rewards/margins', 0):.2f}",
+                                acc=f"{last.get('rewards/accuracies', 0):.2f}")
+                bar.refresh()
+            if info["status"] in ("finished", "stopped", "failed"):
+                break
+            time.sleep(1)
+    except KeyboardInterrupt:
+        _print("\nstopping (the worker saves what it has)...")
+        info = job.stop()
+    bar.close()
+    if info["status"] == "failed":
+        sys.stderr.write(f"training failed: {info.get('error')}\n{info.get('log_tail', '')}\n")
+        return 1
+    _print(f"{info['status']}: model {name} in {config.out / 'model'} (python -m fcapp models)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from fcapp.serve import serve
 
-    serve(args.model, args.host, args.port, api_key=args.api_key)
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    if args.api_key_env and not api_key:
+        raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
+    serve(args.model, args.host, args.port, api_key=api_key)
     return 0
 
 
@@ -252,8 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require this bearer key (needed for a non-loopback host)")
+    p.add_argument("--api-key-env", help="require the bearer key held in this environment variable "
+                                         "(needed for a non-loopback host; a key on the command line would show in ps)")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("train", help="DPO on a preference file, in a worker process")
+    p.add_argument("--pairs", required=True, help="preference file from `fcapp pairs` (JSONL or Parquet)")
+    p.add_argument("--name", help="registered model name (default: the --out folder's name or dpo-DATE)")
+    p.add_argument("--base", default="smollm2", help="model to tune")
+    p.add_argument("--method", choices=["lora", "full"], default="lora")
+    p.add_argument("--epochs", type=float, default=3.0)
+    p.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
+    p.add_argument("--beta", type=float, default=0.1)
+    p.add_argument("--lr", type=float, help="learning rate (default depends on --method)")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--grad-accum", type=int, default=2)
+    p.add_argument("--max-length", type=int, default=1024)
+    p.add_argument("--sft-warmup-steps", type=int, default=0, help="SFT on chosen chains before DPO")
+    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    p.add_argument("--out", help="run folder (default: the data folder's models/NAME)")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("models", help="list tuned models, newest first")
     p.add_argument("--json", action="store_true")

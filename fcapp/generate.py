@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
 from fcapp.agent import Chain
+from fcapp.batching import iter_solve_batch
 from fcapp.models.base import ChatModel
 from fcapp.solve import SolveConfig, reference_chain, solve
 from fcapp.store import Store, chain_key
@@ -36,6 +37,7 @@ class GenerateConfig:
     concurrency: int = 1
     seed: int = 0
     reference: bool = False  # also store the problems' reference chains, marked as such
+    batch_size: int | None = None  # local teacher: chains decoded together (None: the K samples of a problem)
 
     def solve_config(self, sample: int) -> SolveConfig:
         return SolveConfig(self.max_steps, self.temperature, self.top_p, self.max_new_tokens, self.seed + sample)
@@ -123,7 +125,11 @@ def generate(
     def run(job: Job) -> Chain:
         return solve(task, job.problem, model, config.solve_config(job.sample))
 
-    for job, outcome in _run_jobs(jobs, run, max(1, config.concurrency), stop):
+    if hasattr(model, "generate_batch"):  # a local model: decode several chains in one batch
+        outcomes = _run_batched(task, jobs, config, model, stop)
+    else:
+        outcomes = _run_jobs(jobs, run, max(1, config.concurrency), stop)
+    for job, outcome in outcomes:
         if isinstance(outcome, BaseException):
             stats.failed += 1
             stats.errors.append(f"{job.problem.id}#{job.sample}: {outcome}")
@@ -136,6 +142,15 @@ def generate(
         if on_chain:
             on_chain(stats, outcome)
     return stats
+
+
+def _run_batched(task: Task, jobs: list[Job], config: GenerateConfig, model: ChatModel,
+                 stop: threading.Event) -> Iterator[tuple[Job, Chain | BaseException]]:
+    """Yield (job, chain or exception) as each finishes, chains advancing in lockstep batches."""
+    work = [(job.problem, config.solve_config(job.sample)) for job in jobs]
+    batch = max(1, config.batch_size or config.samples)
+    for index, outcome in iter_solve_batch(task, work, model, batch, stop):  # type: ignore[arg-type]
+        yield jobs[index], outcome
 
 
 def _run_jobs(jobs: list[Job], run: Callable[[Job], Chain], concurrency: int,

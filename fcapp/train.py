@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -351,10 +352,13 @@ def _lora(config: TrainConfig) -> Any:
 
 
 def _load_model(path: str, config: TrainConfig) -> Any:
+    """fp32 weights, except a frozen LoRA base under bf16: bf16=True means autocast, and AdamW on bf16
+    weights would round away updates as small as a DPO learning rate."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if _use_bf16(config) else torch.float32)
+    frozen_bf16 = _use_bf16(config) and config.method == "lora"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
 
 
 def _save_model(trainer: Any, tokenizer: Any, target: Path, method: str) -> None:
@@ -373,6 +377,20 @@ def _save_model(trainer: Any, tokenizer: Any, target: Path, method: str) -> None
         if target.exists():
             shutil.rmtree(target)
         staging.rename(target)
+
+
+def _last_checkpoint(folder: Path, main: bool) -> Path | None:
+    """The newest complete checkpoint; ones cut short by a kill (no readable trainer_state.json,
+    which the Trainer writes last) are removed."""
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        if not re.fullmatch(r"checkpoint-\d+", path.name):
+            continue
+        if _read_json(path / "trainer_state.json") is not None:
+            complete.append(path)
+        elif main:
+            shutil.rmtree(path, ignore_errors=True)
+    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]), default=None)
 
 
 def _sft_warmup(config: TrainConfig, run: _Run, base_path: str, rows: list[dict], tokenizer: Any) -> Path:
@@ -431,7 +449,6 @@ def train(config: TrainConfig, stop_event: StopSignal | None = None,
 
 def _train(config: TrainConfig, run: _Run, card: dict[str, Any]) -> TrainResult:
     from datasets import Dataset
-    from transformers.trainer_utils import get_last_checkpoint
     from trl import DPOConfig, DPOTrainer
 
     from fcapp.models.local import resolve_model_path
@@ -443,9 +460,9 @@ def _train(config: TrainConfig, run: _Run, card: dict[str, Any]) -> TrainResult:
     card["data"] = {"path": config.pairs, "sha256": file_sha256(config.pairs), "rows": len(rows)}
 
     checkpoints = run.out / "checkpoints"
-    checkpoint = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
+    checkpoint = _last_checkpoint(checkpoints, run.main) if config.resume else None
     sft_done = config.sft_warmup_steps > 0 and (run.out / "sft" / "config.json").exists() and config.resume
-    resumed_step = int(checkpoint.rsplit("-", 1)[-1]) if checkpoint else 0
+    resumed_step = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
     run.keep_log(lambda r: (r.get("stage") == "sft" and sft_done) or (r.get("stage") == "dpo" and r["step"] <= resumed_step))
     previous = [r for r in read_log(run.log_path) if r.get("stage") == "dpo"]
     card["resumed_from_step"] = resumed_step if config.resume else None
@@ -469,7 +486,7 @@ def _train(config: TrainConfig, run: _Run, card: dict[str, Any]) -> TrainResult:
                          processing_class=tokenizer, callbacks=[callback],
                          peft_config=_lora(config) if config.method == "lora" else None)
     callback.accelerator = trainer.accelerator
-    output = trainer.train(resume_from_checkpoint=checkpoint)
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     _save_model(trainer, tokenizer, run.out / "model", config.method)
     last = {k: v for k, v in run.last.items() if k not in ("stage", "step", "max_steps", "time")}
     return _result(run, card, trainer.state.global_step, last | dict(output.metrics))
@@ -581,19 +598,23 @@ class TrainingJob:
         return read_log(self.log_path)
 
     def wait(self, timeout: float | None = None, interval: float = 0.5) -> dict[str, Any]:
-        """Poll until the run ends or `timeout` seconds pass; returns the last status."""
+        """Poll until the run has ended and its worker exited, or `timeout` seconds pass; returns the
+        last status."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             info = self.poll()
-            if info["status"] in TERMINAL or (deadline is not None and time.monotonic() >= deadline):
+            if info["status"] in TERMINAL and not self._exit()[0]:
+                return self.poll()
+            if deadline is not None and time.monotonic() >= deadline:
                 return info
             time.sleep(interval)
 
     def stop(self, timeout: float = 120.0, grace: float = 15.0) -> dict[str, Any]:
         """Ask the worker to stop after its current step (it saves a checkpoint and the model); after
         `timeout` s send SIGTERM, after `grace` more SIGKILL (then nothing since the last checkpoint is kept)."""
-        if self.poll()["status"] in TERMINAL:
-            return self.poll()
+        info = self.poll()
+        if info["status"] in TERMINAL:
+            return info
         (self.out / "STOP").touch()
         info = self.wait(timeout)
         for sig, wait_s in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
@@ -640,7 +661,8 @@ def start_training(config: TrainConfig) -> TrainingJob:
 
 def attach(name: str | Path) -> TrainingJob:
     """The job of a run folder (a path) or of a model name under models_dir(), running or not."""
-    out = Path(name) if Path(name).is_dir() else models_dir() / safe_name(str(name), "model name")
+    is_path = isinstance(name, Path) or os.sep in name
+    out = Path(name) if is_path else models_dir() / safe_name(str(name), "model name")
     if not (out / "status.json").exists():
         raise FileNotFoundError(f"no training run in {out}")
     return TrainingJob(out, _CHILDREN.get(out.resolve()))

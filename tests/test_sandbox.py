@@ -269,9 +269,9 @@ def test_the_child_does_not_see_the_app_environment(monkeypatch) -> None:
     assert env["HOME"] == env["TMPDIR"]
 
 
-def test_the_child_runs_in_an_empty_temporary_directory() -> None:
+def test_the_child_runs_in_a_fresh_temporary_directory_holding_only_its_source() -> None:
     cwd, listing = user_tool("    import os\n    open('scratch.txt', 'w').write('x')\n    return [os.getcwd(), os.listdir()]\n").fn()
-    assert listing == ["scratch.txt"]
+    assert sorted(listing) == ["scratch.txt", "user_function.py"]
     assert cwd != os.getcwd() and not os.path.exists(cwd)  # removed after the call
 
 

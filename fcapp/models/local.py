@@ -13,12 +13,14 @@ import shutil
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
-from fcapp.models.base import Chunk, Message, ModelError, SamplingParams
+from fcapp.models.base import Chunk, Completion, Message, ModelError, SamplingParams
 
 EMBEDDED = "smollm2"
 EMBEDDED_ID = "SmolLM2-135M-Instruct"
@@ -88,8 +90,206 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+class _GrowingLayer(DynamicLayer):
+    """One layer's keys and values in a buffer with room to spare. Appending a token writes in place
+    (DynamicLayer concatenates, copying the layer's whole cache for every token); the buffer doubles
+    when full. Shapes are [rows, kv_heads, columns, head_dim]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.length = 0
+        self._k: torch.Tensor | None = None
+        self._v: torch.Tensor | None = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self.is_initialized = True
+
+    def _store(self, k: torch.Tensor, v: torch.Tensor, room: int) -> None:
+        """Make (k, v) the whole cache, copied into fresh buffers with `room` spare columns."""
+        rows, heads, length, dim = k.shape
+        self._k = k.new_empty(rows, heads, length + room, dim)
+        self._v = v.new_empty(rows, heads, length + room, dim)
+        self._k[:, :, :length] = k
+        self._v[:, :, :length] = v
+        self.length = length
+        self._publish()
+
+    def _publish(self) -> None:
+        assert self._k is not None and self._v is not None
+        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if self._k is None:
+            self._store(key_states, value_states, room=256)
+            return self.keys, self.values
+        if end > self._k.shape[-2]:
+            self._store(self.keys, self.values, room=max(256, self.length))
+        self._k[:, :, self.length:end] = key_states
+        self._v[:, :, self.length:end] = value_states
+        self.length = end
+        self._publish()
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Drop the last -tokens_to_remove columns (negative, as in transformers 5)."""
+        self.length = max(0, self.length + min(tokens_to_remove, 0))
+        if self._k is not None:
+            self._publish()
+
+    def regather(self, rows: torch.Tensor, columns: torch.Tensor) -> None:
+        """Keep, for new row j, old row rows[j]'s columns columns[j] (a [new_rows, new_length] index)."""
+        if self._k is None:
+            return
+        index = columns[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
+        k = self.keys.index_select(0, rows).gather(2, index)
+        v = self.values.index_select(0, rows).gather(2, index)
+        self._store(k, v, room=256)
+
+
+class _KVState:
+    """The KV cache of a batch of rows plus, per row, which tokens it holds and in which column.
+
+    Rows have different lengths and may lose a tail (the next prompt re-tokenises a reply differently)
+    while other rows keep theirs, so a column may be a hole for some rows: holes are masked out of
+    attention and compacted away when they waste too much. Positions (RoPE) count only real tokens,
+    so every row computes what it would alone."""
+
+    def __init__(self, n_layers: int, rows: int = 0) -> None:
+        self.cache = Cache(layers=[_GrowingLayer() for _ in range(n_layers)])
+        self.tokens: list[list[int]] = [[] for _ in range(rows)]  # per row: its real tokens, in order
+        self.where: list[list[int]] = [[] for _ in range(rows)]   # per row: the column of each of them
+        self.valid = torch.zeros(rows, 0, dtype=torch.bool)  # [rows, columns]: column holds a real token
+
+    @property
+    def width(self) -> int:
+        return self.valid.shape[1]
+
+    def holes(self) -> bool:
+        return not bool(self.valid.all())
+
+    def match(self, ids: list[int]) -> tuple[int, int]:
+        """(row, n): the row sharing the longest prefix with `ids` and that prefix's length."""
+        best = (0, 0)
+        for row, held in enumerate(self.tokens):
+            n = _common_prefix(held, ids)
+            if n > best[1]:
+                best = (row, n)
+        return best
+
+    def keep(self, sources: list[int], lengths: list[int]) -> None:
+        """Make new row j the first lengths[j] tokens of old row sources[j]. Done in place (masking the
+        dropped tails) when rows stay put and little would be wasted, else by one gather that also
+        packs each row to the right (the holes of short rows on the left)."""
+        last = [self.where[s][n - 1] + 1 if n else 0 for s, n in zip(sources, lengths)]
+        width = max(last, default=0)
+        in_place = sources == list(range(len(self.tokens))) and width - max(lengths, default=0) <= width // 4
+        if in_place:
+            for row, n in enumerate(lengths):
+                self.valid[row, last[row]:] = False
+                self.tokens[row], self.where[row] = self.tokens[row][:n], self.where[row][:n]
+            self.valid = self.valid[:, :width]
+            for layer in self.cache.layers:
+                layer.crop(width - layer.get_seq_length())
+            return
+        width = max(lengths, default=0)
+        columns = torch.zeros(len(sources), width, dtype=torch.long)
+        valid = torch.zeros(len(sources), width, dtype=torch.bool)
+        for j, (s, n) in enumerate(zip(sources, lengths)):
+            if n:
+                columns[j, width - n:] = torch.tensor(self.where[s][:n])
+                valid[j, width - n:] = True
+        rows = torch.tensor(sources, dtype=torch.long)
+        for layer in self.cache.layers:
+            layer.regather(rows, columns)
+        self.tokens = [self.tokens[s][:n] for s, n in zip(sources, lengths)]
+        self.where = [list(range(width - n, width)) for n in lengths]
+        self.valid = valid
+
+    def feed(self, model: torch.nn.Module, suffixes: list[list[int]], pad_id: int) -> torch.Tensor:
+        """Append each row's new tokens (right-aligned; shorter rows get masked pads first) and return
+        the logits after each row's last token, [rows, vocab]."""
+        rows, start = len(suffixes), self.width
+        new = max(len(s) for s in suffixes)
+        device = model.device
+        ids = torch.full((rows, new), pad_id, dtype=torch.long)
+        positions = torch.zeros(rows, new, dtype=torch.long)
+        valid_new = torch.zeros(rows, new, dtype=torch.bool)
+        for row, suffix in enumerate(suffixes):
+            if suffix:
+                ids[row, new - len(suffix):] = torch.tensor(suffix)
+                held = len(self.tokens[row])
+                positions[row, new - len(suffix):] = torch.arange(held, held + len(suffix))
+                valid_new[row, new - len(suffix):] = True
+        valid = torch.cat([self.valid, valid_new], dim=1)
+        if rows == 1 and bool(valid.all()):
+            mask = None  # one packed row: transformers' own causal path, nothing to build
+        else:
+            columns = torch.arange(start + new)
+            query = start + torch.arange(new)
+            causal = columns[None, :] <= query[:, None]
+            own = columns[None, :] == query[:, None]  # a pad sees itself: no all-masked row, no NaN
+            mask = ((valid[:, None, None, :] & causal) | own).to(device)
+        try:
+            out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
+                        cache=self.cache, use_cache=True, logits_to_keep=1)
+        except BaseException:
+            self.__init__(len(self.cache.layers))  # a half-updated cache is worthless: start clean
+            raise
+        for row, suffix in enumerate(suffixes):
+            self.tokens[row].extend(suffix)
+            self.where[row].extend(range(start + new - len(suffix), start + new))
+        self.valid = valid
+        return out.logits[:, -1]
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+@dataclass
+class RowCompletion(Completion):
+    """A Completion from generate_batch with the row's own wall time (until it stopped) and why it
+    stopped: 'eos', 'length' (max_new_tokens), 'stop' (a stop string or stop_when)."""
+
+    elapsed_s: float = 0.0
+    stop_reason: str = ""
+
+
+class _Row:
+    """Decoding state of one sequence."""
+
+    def __init__(self, params: SamplingParams, prompt_tokens: int) -> None:
+        self.params = params
+        self.generator = torch.Generator().manual_seed(params.seed)
+        self.prompt_tokens = prompt_tokens
+        self.generated: list[int] = []
+        self.text = ""
+        self.delta = ""
+        self.stop_reason = ""
+        self.elapsed_s = 0.0
+
+    @property
+    def done(self) -> bool:
+        return bool(self.stop_reason)
+
+
 class LocalModel:
-    """ChatModel over a transformers causal LM. One generation at a time per instance (a lock)."""
+    """ChatModel over a transformers causal LM. One generation at a time per instance (a lock).
+
+    Decoding is a hand-written loop over one persistent batch KV cache, so consecutive agent steps,
+    samples of the same problem and problems of the same task reuse their shared prompt prefix
+    instead of re-encoding it; `generate_batch` decodes several conversations together."""
 
     def __init__(self, spec: str | None = None, device: str | None = None, dtype: str = "float32",
                  prefix_cache: bool = True) -> None:
@@ -105,15 +305,19 @@ class LocalModel:
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load model {spec!r} from {path}: {exc}") from None
         self.model.eval()
+        layer_types, _ = get_layer_types_and_kwargs(self.model.config.get_text_config(decoder=True))
+        if any(kind != "full_attention" for kind in layer_types):
+            raise ModelError(f"{spec!r}: only full-attention decoder models are supported locally, not {set(layer_types)}")
+        self._layers = len(layer_types)
         self.prefix_cache = prefix_cache
         self.lock = threading.Lock()
-        self._cache = None
-        self._cache_ids: list[int] = []
+        self._state = _KVState(self._layers)  # no rows yet
         eos = {self.tokenizer.eos_token_id}
         im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end >= 0:
             eos.add(im_end)
         self.stop_ids = {i for i in eos if i is not None}
+        self.pad_id = min(self.stop_ids) if self.stop_ids else 0
 
     # ---- prompt -------------------------------------------------------------------------------
     def encode(self, messages: list[Message]) -> list[int]:
@@ -124,23 +328,20 @@ class LocalModel:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     # ---- decoding -----------------------------------------------------------------------------
-    def _prefill(self, ids: list[int]) -> torch.Tensor:
-        """Feed `ids`, reusing the cached prefix; returns the logits of the last position."""
-        from transformers import DynamicCache
-
-        reuse = 0
-        if self.prefix_cache and self._cache is not None:
-            limit = min(len(self._cache_ids), len(ids) - 1)
-            while reuse < limit and self._cache_ids[reuse] == ids[reuse]:
-                reuse += 1
-        if reuse == 0:
-            self._cache = DynamicCache(config=self.model.config)
-        else:
-            self._cache.crop(reuse - self._cache.get_seq_length())  # negative: tokens to drop
-        new = torch.tensor([ids[reuse:]], device=self.device)
-        out = self.model(input_ids=new, cache=self._cache, use_cache=True)
-        self._cache_ids = list(ids)
-        return out.logits[0, -1]
+    def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
+        """Load `prompts` as the cache's rows, reusing cached prefixes; logits after each prompt."""
+        state = self._state if self.prefix_cache and self._state.tokens else _KVState(self._layers, rows=1)
+        if len(prompts) > 1:
+            # a prefix the whole batch shares (the injected prompt) but the cache lacks: encode it once
+            shared = min(min(_common_prefix(prompts[0], p) for p in prompts), min(map(len, prompts)) - 1)
+            row, held = state.match(prompts[0][:shared])
+            if shared - held >= 16:
+                state.keep([row], [held])
+                state.feed(self.model, [prompts[0][held:shared]], self.pad_id)
+        matches = [state.match(p[:-1]) for p in prompts]
+        state.keep([row for row, _ in matches], [n for _, n in matches])
+        self._state = state
+        return state.feed(self.model, [p[n:] for p, (_, n) in zip(prompts, matches)], self.pad_id)
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
         if params.temperature <= 0:
@@ -152,40 +353,72 @@ class LocalModel:
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
+    def _decode(self, prompts: list[list[int]], params: list[SamplingParams],
+                stop_when: Callable[[int, str], bool] | None) -> Iterator[list[_Row]]:
+        """Decode all rows together, yielding them after every token (each row's `delta` is its new
+        text). A sampled token is fed to the model only when its row goes on, so closing this
+        iterator between steps leaves the cache consistent."""
+        began = time.perf_counter()
+        rows = [_Row(p, len(ids)) for p, ids in zip(params, prompts)]
+        logits = self._prefill(prompts)
+        while True:
+            greedy = logits.argmax(-1).tolist()
+            feed: list[list[int]] = []
+            for i, row in enumerate(rows):
+                row.delta = ""
+                if row.done:
+                    feed.append([])
+                    continue
+                token = greedy[i] if row.params.temperature <= 0 else self._sample(logits[i], row.params, row.generator)
+                if token in self.stop_ids:
+                    row.stop_reason = "eos"
+                else:
+                    row.generated.append(token)
+                    text = self.tokenizer.decode(row.generated, skip_special_tokens=True)
+                    if not text.endswith("\ufffd"):  # else half a multi-byte character: wait for the rest
+                        row.delta, row.text = text[len(row.text):], text
+                    if row.delta and (any(s in row.text for s in row.params.stop)
+                                      or (stop_when is not None and stop_when(i, row.text))):
+                        row.stop_reason = "stop"
+                    elif len(row.generated) >= row.params.max_new_tokens:
+                        row.stop_reason = "length"
+                if row.done:
+                    row.elapsed_s = time.perf_counter() - began
+                feed.append([] if row.done else [token])
+            yield rows
+            if all(row.done for row in rows):
+                return
+            logits = self._state.feed(self.model, feed, self.pad_id)
+
     def stream(self, messages: list[Message], tools: list[dict] | None = None,
                params: SamplingParams | None = None) -> Iterator[Chunk]:
         """Stream a reply token by token. Closing the iterator stops generation at once."""
         params = params or SamplingParams()
         with self.lock, torch.inference_mode():
-            prompt_ids = self.encode(messages)
-            generator = torch.Generator().manual_seed(params.seed)
-            generated: list[int] = []
-            shown = ""
-            logits = self._prefill(prompt_ids)
-            try:
-                for _ in range(params.max_new_tokens):
-                    token = self._sample(logits, params, generator)
-                    if token in self.stop_ids:
-                        break
-                    generated.append(token)
-                    text = self.tokenizer.decode(generated, skip_special_tokens=True)
-                    if text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                        delta = ""
-                    else:
-                        delta, shown = text[len(shown):], text
-                    if delta:
-                        yield Chunk(delta, len(prompt_ids), len(generated))
-                    if params.stop and any(s in shown for s in params.stop):
-                        break
-                    out = self.model(input_ids=torch.tensor([[token]], device=self.device),
-                                     cache=self._cache, use_cache=True)
-                    self._cache_ids.append(token)
-                    logits = out.logits[0, -1]
-                yield Chunk(prompt_tokens=len(prompt_ids), completion_tokens=len(generated), finished=True)
-            finally:
-                # the cache holds exactly the ids in _cache_ids; anything else would desync it
-                if self._cache is not None and self._cache.get_seq_length() != len(self._cache_ids):
-                    self._cache, self._cache_ids = None, []
+            prompt = self.encode(messages)
+            generated = 0
+            for (row,) in self._decode([prompt], [params], None):
+                generated = len(row.generated)
+                if row.delta:
+                    yield Chunk(row.delta, len(prompt), generated)
+            yield Chunk(prompt_tokens=len(prompt), completion_tokens=generated, finished=True)
+
+    def generate_batch(self, conversations: list[list[Message]], params: list[SamplingParams],
+                       stop_when: Callable[[int, str], bool] | None = None) -> list[RowCompletion]:
+        """Complete several conversations in one batch. Row i stops at EOS / <|im_end|>, its
+        max_new_tokens, a stop string, or when stop_when(i, text) is true (the agent stops at a
+        finished call). Sampling is seeded per row as in `stream`, so a row's output does not depend
+        on what else is in the batch."""
+        if len(conversations) != len(params):
+            raise ValueError("generate_batch needs one SamplingParams per conversation")
+        if not conversations:
+            return []
+        with self.lock, torch.inference_mode():
+            prompts = [self.encode(messages) for messages in conversations]
+            rows: list[_Row] = []
+            for rows in self._decode(prompts, params, stop_when):
+                pass
+        return [RowCompletion(r.text, r.prompt_tokens, len(r.generated), r.elapsed_s, r.stop_reason) for r in rows]
 
 
 def load_model(spec: str | None = None, **kwargs) -> "LocalModel":

@@ -118,7 +118,7 @@ class _FolTask(Task):
         return Problem(
             id=self.record_id(record, index),
             task=self.name,
-            question=render_question(premises, premises_fol if not premises else raw_fol, conclusion, conclusion_fol),
+            question=render_question(premises, raw_fol if premises else premises_fol, conclusion, conclusion_fol),
             answer=label,
             meta={"premises": premises, "premises_fol": premises_fol, "conclusion": conclusion,
                   "conclusion_fol": conclusion_fol},

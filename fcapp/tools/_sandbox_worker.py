@@ -15,10 +15,11 @@ import faulthandler
 import json
 import os
 import resource
+import runpy
 import signal
 import sys
 
-USER_FILE = "<user code>"
+USER_FILE = os.path.abspath("user_function.py")  # in the child's own empty temp folder (sandbox._USER_FILE)
 MAX_MESSAGE_CHARS = 500
 # Sent when even describing a failure runs out of memory.
 _OUT_OF_MEMORY = b'{"ok": false, "type": "MemoryError", "message": "", "line": null}\n'
@@ -45,8 +46,9 @@ def _user_line(tb) -> int | None:
 def _run(request: dict) -> bytes:
     """Execute the source, call the function, and encode the reply (value or exception)."""
     try:
-        namespace = {"__name__": "__user__"}
-        exec(compile(request["source"], USER_FILE, "exec"), namespace)
+        with open(USER_FILE, "w", encoding="utf-8") as source:
+            source.write(request["source"])
+        namespace = runpy.run_path(USER_FILE, run_name="__user__")  # run the user's file as a module
         value = namespace[request["function"]](**request["arguments"])
         try:
             text = json.dumps({"ok": True, "value": value}, ensure_ascii=False)

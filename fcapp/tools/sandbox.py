@@ -46,13 +46,13 @@ from typing import Any
 from fcapp.tools.base import SchemaError, Tool, ToolError, tool_from_function
 
 _WORKER = str(Path(__file__).with_name("_sandbox_worker.py"))
-_USER_FILE = "<user code>"  # the file name the worker compiles the source under
+_USER_FILE = "user_function.py"  # the file the worker writes the source to, in its own temp folder
 MAX_SOURCE_CHARS = 100_000
 # Added to the wall limit for Tool.timeout_s, so the sandbox's own, clearer message wins the race.
 _TIMEOUT_MARGIN_S = 2.0
 # faulthandler's dump after a crash or a CPU-limit kill: names the user line, not shown verbatim.
 _FAULT_DUMP = re.compile(r"^(Fatal Python error:|Current thread 0x|Thread 0x|Stack \(most recent call first\))", re.M)
-_FAULT_LINE = re.compile(rf'File "{re.escape(_USER_FILE)}", line (\d+)')
+_FAULT_LINE = re.compile(rf'File "[^"]*/{re.escape(_USER_FILE)}", line (\d+)')
 # What an annotation's (dotted) name evaluates to; anything else is refused before tool_from_function sees it.
 _HINT_NAMES: dict[str, Any] = {
     "str": str, "int": int, "float": float, "bool": bool, "list": list, "List": typing.List, "typing.List": typing.List,

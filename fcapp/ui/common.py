@@ -14,6 +14,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+import gradio as gr
+
 from fcapp.agent import FINAL_ANSWER, Chain, Event, Step
 from fcapp.paths import data_home
 from fcapp.store import Store
@@ -222,6 +224,12 @@ def _closing(stop_reason: str, answer: str | None, verdict: bool | None, expecte
         if verdict is not None:
             text += f" ✗ incorrect (expected {expected})"
     return {"role": "assistant", "content": text}
+
+
+def chatbot(elem_id: str, height: int = 480, label: str | None = None, **kwargs: Any) -> gr.Chatbot:
+    """A chain viewer: one copy-all button (no share button: nothing leaves this machine), no likes."""
+    return gr.Chatbot(height=height, label=label, show_label=label is not None, elem_id=elem_id,
+                      group_consecutive_messages=False, buttons=["copy_all"], feedback_options=None, **kwargs)
 
 
 class ChainView:

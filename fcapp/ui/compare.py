@@ -10,7 +10,7 @@ import time
 import gradio as gr
 
 from fcapp.solve import SolveConfig
-from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, default_task, get_model, get_problem,
+from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task, get_model, get_problem,
                              model_choices, problem_choices, short, task_choices, verdict_text)
 from fcapp.ui.solve import problem_text, problem_update, stream_chain
 
@@ -64,8 +64,11 @@ def answer_md(view: ChainView, spec: str) -> str:
     chain = view.chain
     if chain is None:
         return f"**{spec}**: …"
-    return (f"**{spec}** · {verdict_text(chain.verdict, chain.answer, view.expected)} · {len(chain.steps)} steps · "
-            f"{chain.elapsed_s:.1f} s")
+    if chain.stop_reason == "answer":
+        outcome = verdict_text(chain.verdict, chain.answer, view.expected)
+    else:
+        outcome = f"No final answer ({chain.stop_reason.replace('_', ' ')})"
+    return f"**{spec}** · {outcome} · {len(chain.steps)} steps · {chain.elapsed_s:.1f} s"
 
 
 def build(ctx: Context) -> None:
@@ -170,10 +173,10 @@ def build(ctx: Context) -> None:
         with gr.Row(equal_height=False):
             with gr.Column():
                 answer_a = gr.Markdown(elem_id="cmp-answer-a")
-                chat_a = gr.Chatbot(height=480, label="A", elem_id="cmp-chat-a", group_consecutive_messages=False)
+                chat_a = chatbot("cmp-chat-a")
             with gr.Column():
                 answer_b = gr.Markdown(elem_id="cmp-answer-b")
-                chat_b = gr.Chatbot(height=480, label="B", elem_id="cmp-chat-b", group_consecutive_messages=False)
+                chat_b = chatbot("cmp-chat-b")
 
         with gr.Accordion("Evaluate A vs B on N held-out problems", open=False, elem_id="cmp-eval"):
             with gr.Row():

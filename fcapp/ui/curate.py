@@ -10,7 +10,7 @@ import gradio as gr
 
 from fcapp.generate import GenerateConfig, generate
 from fcapp.pairs import PairPolicy, import_pairs, make_pairs
-from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, default_task, edit_answer,
+from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, chatbot, default_task, edit_answer,
                              exports_dir, get_model, model_choices, safe_upload, short, task_choices)
 
 HEADERS = ["id", "problem", "model", "verifier", "label", "counts as", "steps", "answer"]
@@ -69,7 +69,9 @@ def build(ctx: Context) -> None:
         info = (f"**Chain {chain['id']}** · problem `{chain['problem_id']}` · model {chain['model_id']} "
                 f"({chain['role']}) · verifier {_mark(chain['verdict'])} · label: {label} · "
                 f"counts as {_mark(chain['effective_verdict'])}")
-        messages = chain_messages(chain["effective_record"], expected_of(chain), chain["effective_verdict"])
+        # the verifier's verdict on what is shown (an edit was re-verified); the person's label is in `info`
+        verifier = chain["effective_verdict"] if chain["label"] == "edited" else chain["verdict"]
+        messages = chain_messages(chain["effective_record"], expected_of(chain), verifier)
         return messages, info, chain["answer"] or ""
 
     def select(task, evt: gr.SelectData):
@@ -191,7 +193,7 @@ def build(ctx: Context) -> None:
         with gr.Row(equal_height=False):
             with gr.Column(scale=3):
                 info = gr.Markdown("Pick a chain in the table.", elem_id="cur-chain-info")
-                chat = gr.Chatbot(height=420, elem_id="cur-chat", label="Chain", group_consecutive_messages=False)
+                chat = chatbot("cur-chat", 420, autoscroll=False)
             with gr.Column(scale=1):
                 chain_id = gr.Number(label="Chain id", precision=0, elem_id="cur-chain-id")
                 open_btn = gr.Button("Open", elem_id="cur-open")
@@ -208,8 +210,8 @@ def build(ctx: Context) -> None:
                 ab_info = gr.Markdown("Press **Next pair** to start.", elem_id="ab-info")
                 next_btn = gr.Button("Next pair", elem_id="ab-next", scale=0)
             with gr.Row():
-                chat_a = gr.Chatbot(height=320, label="A", elem_id="ab-chat-a", group_consecutive_messages=False)
-                chat_b = gr.Chatbot(height=320, label="B", elem_id="ab-chat-b", group_consecutive_messages=False)
+                chat_a = chatbot("ab-chat-a", 320, "A", autoscroll=False)
+                chat_b = chatbot("ab-chat-b", 320, "B", autoscroll=False)
             with gr.Row():
                 a_btn = gr.Button("A is better [a]", elem_id="ab-a")
                 skip_btn = gr.Button("Skip [s]", elem_id="ab-skip")

@@ -7,7 +7,7 @@ import time
 import gradio as gr
 
 from fcapp.solve import SolveConfig, solve_events
-from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, default_task, get_model, get_problem,
+from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task, get_model, get_problem,
                              model_choices, problem_choices, short, task_choices, verdict_text)
 
 MODEL_HELP = ("'smollm2' (embedded), a tuned model's name, or an OpenAI-compatible server as "
@@ -118,8 +118,7 @@ def build(ctx: Context) -> None:
                 key_env = gr.Textbox("OPENAI_API_KEY", label="API key environment variable (HTTP models)")
                 save = gr.Checkbox(False, label="Save the chain to the store (for curation)")
         verdict = gr.Markdown(elem_id="solve-verdict")
-        chat = gr.Chatbot(label="Chain", height=560, elem_id="solve-chat", group_consecutive_messages=False,
-                          buttons=["copy_all"])
+        chat = chatbot("solve-chat", 560)
 
         task.change(problem_update, [task, split], problem)
         split.change(problem_update, [task, split], problem)

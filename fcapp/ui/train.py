@@ -144,14 +144,16 @@ def build(ctx: Context) -> None:
 
     def tick(run, seen):
         if not run:
-            return gr.update(), gr.update(), gr.update(), gr.update(), gr.Timer(active=False), seen, gr.update(), \
-                gr.update()
+            return (gr.update(),) * 4 + (gr.Timer(active=False), seen) + (gr.update(),) * 3
         loss, rewards, progress, card, active, log_len = view(run)
         key = f"{run['name']}:{log_len}:{active}"
         charts_out = (loss, rewards) if key != seen else (gr.update(), gr.update())
-        done = not active
-        return (*charts_out, progress, card if done else gr.update(), gr.Timer(active=active), key,
-                history() if done else gr.update(), gr.update(choices=model_choices()) if done else gr.update())
+        if active:
+            return (*charts_out, progress, gr.update(), gr.Timer(active=True), key, gr.update(), gr.update(),
+                    gr.update())
+        status = card.get("status") or "ended"
+        return (*charts_out, progress, card, gr.Timer(active=False), key, history(),
+                gr.update(choices=model_choices()), f"Run **{run['name']}** {status}.")
 
     def stop(run):
         if not run:
@@ -231,7 +233,7 @@ def build(ctx: Context) -> None:
         start_btn.click(start, [task, base, name, method, epochs, max_steps, lr, beta, batch, accum, max_length,
                                 sft_steps, max_per],
                         [run_state, note, loss_plot, rewards_plot, progress, card, timer, runs])
-        timer.tick(tick, [run_state, seen], [loss_plot, rewards_plot, progress, card, timer, seen, runs, base],
+        timer.tick(tick, [run_state, seen], [loss_plot, rewards_plot, progress, card, timer, seen, runs, base, note],
                    show_progress="hidden")
         stop_btn.click(stop, run_state, note)
         runs.select(open_run, None, [run_state, loss_plot, rewards_plot, progress, card, timer])
