@@ -135,7 +135,7 @@ def test_stop_file_stops_cleanly_and_saves_the_model(pairs_file: Path) -> None:
     ("{not json", "line 3: invalid JSON"),
     (json.dumps({"prompt": pair(1, 1)["prompt"], "chosen": pair(1, 1)["chosen"]}), "line 3: missing column(s) rejected"),
     (json.dumps(pair(1, 1) | {"chosen": "final_answer(answer='2')"}), "line 3: column 'chosen' must be a non-empty list"),
-])
+], ids=["bad-json", "missing-column", "not-messages"])
 def test_broken_pairs_file_fails_in_the_caller(home: Path, line: str, expected: str) -> None:
     path = home / "broken.jsonl"
     path.write_text(json.dumps(pair(1, 2)) + "\n" + json.dumps(pair(2, 3)) + "\n" + line + "\n")

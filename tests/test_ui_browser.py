@@ -30,7 +30,7 @@ TUNED = "tiny-dpo"
 SOLVE_PROBLEM = "gsm8k-0"  # the demonstration's problem: the embedded model answers it with a call
 
 playwright_api = pytest.importorskip("playwright.sync_api")
-pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium (apt-get install chromium)")
+pytestmark = pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium: apt-get install chromium")
 expect = playwright_api.expect
 
 
@@ -182,6 +182,7 @@ def set_number(page, elem_id: str, value: str) -> None:
 
 def screenshot(page, name: str) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
+    expect(page.locator("#busy")).to_contain_text("model slot free", timeout=10_000)  # the header caught up
     page.wait_for_timeout(500)  # let the last update paint
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
@@ -249,6 +250,13 @@ def test_functions_add_and_try_call(page, app):
     page.locator("#fn-try-args textarea").fill('{"x": 14}')
     page.click("#fn-try-call")
     expect(page.locator("#fn-try-result")).to_contain_text("→ 42")
+    expect(note).to_contain_text("Switched triple off for gsm8k")
+
+    page.get_by_text("Prompt preview").click()  # the injected block, as the model reads it
+    preview = page.locator("#fn-preview textarea")
+    expect(preview).to_have_value(re.compile(r"calculator\(expression: string\)"))
+    expect(preview).to_have_value(re.compile(r"Example: calculator\(expression="))
+    expect(preview).not_to_have_value(re.compile("triple"))
     screenshot(page, "functions")
 
 
@@ -263,7 +271,7 @@ def test_solve_streams_a_chain_with_a_call_and_a_verdict(page):
     set_number(page, "solve-max-new", "48")
     page.click("#solve-run")
     verdict = page.locator("#solve-verdict")
-    expect(verdict).to_contain_text("steps ·", timeout=300_000)  # the summary line ends a chain
+    expect(verdict).to_contain_text(re.compile(r"\d+ steps? · "), timeout=300_000)  # the summary ends a chain
     expect(verdict).to_contain_text(re.compile(r"correct|no ground truth"))
     chat = page.locator("#solve-chat")
     expect(chat).to_contain_text("Natalia sold clips")
@@ -303,7 +311,9 @@ def test_curate_labels_change_the_pair_count(page, app):
     page.click("#cur-export")
     expect(page.locator("#cur-export-note")).to_contain_text("Built ")
     expect(page.locator("#cur-export-file")).to_contain_text(".jsonl")
-    open_chain(page, w1)
+    page.locator("#cur-chain-id input").fill(str(w1))  # open a chain by its id, too
+    page.click("#cur-open")
+    expect(page.locator("#cur-chain-info")).to_contain_text(f"Chain {w1} ")
     screenshot(page, "curate")
 
 
@@ -343,7 +353,7 @@ def test_compare_base_and_tuned_side_by_side(page):
     page.click("#cmp-run")
     for side, name in (("a", "smollm2"), ("b", TUNED)):
         answer = page.locator(f"#cmp-answer-{side}")
-        expect(answer).to_contain_text(re.compile(r"\d+ steps"), timeout=400_000)
+        expect(answer).to_contain_text(re.compile(r"\d+ steps? ·"), timeout=400_000)
         expect(answer).to_contain_text(name)
         expect(answer).to_contain_text(re.compile(r"Answer|No final answer"))
         expect(page.locator(f"#cmp-chat-{side}")).to_contain_text("Step 1")

@@ -13,6 +13,7 @@ CSS = """
 .fc-bar { height: 10px; background: var(--neutral-200); border-radius: 5px; overflow: hidden; margin: 4px 0 6px; }
 .fc-bar > div { height: 100%; background: var(--color-accent); transition: width 0.5s; }
 #busy { text-align: right; }
+#fn-preview textarea { font-family: var(--font-mono); font-size: 13px; }
 """
 
 # Keyboard choices in Curate: a / b / s for the A/B buttons, y / n to accept / reject the open chain.

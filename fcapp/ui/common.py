@@ -56,7 +56,8 @@ def get_model(spec: str | None, api_key_env: str = "OPENAI_API_KEY") -> Any:
     """A loaded model for `spec`, loaded once per app process (the embedded one is never dropped)."""
     from fcapp.models import get_model as load
 
-    spec = (spec or EMBEDDED).strip()
+    spec = (spec or "").strip()
+    spec = EMBEDDED if spec in ("", "base", "default") else spec
     key = (spec, api_key_env, _stamp(spec))
     with _models_lock:
         if key not in _models:

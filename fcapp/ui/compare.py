@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import queue
 import threading
-import time
 
 import gradio as gr
 
 from fcapp.solve import SolveConfig
-from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task, get_model, get_problem,
-                             model_choices, problem_choices, short, task_choices, verdict_text)
+from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task, get_model,
+                             get_problem, model_choices, problem_choices, short, task_choices, verdict_text)
 from fcapp.ui.solve import problem_text, problem_update, stream_chain
 
 SUMMARY_HEADERS = ["model", "accuracy", "95% CI", "valid-call rate", "mean steps", "mean tokens", "latency s",
                    "p vs first"]
-_stops: dict[str, threading.Event] = {}
+_running: dict[str, threading.Event] = {}  # the evaluation's stop switch (one at a time: the model slot)
 
 
 def tuned_default() -> str:
@@ -68,7 +67,8 @@ def answer_md(view: ChainView, spec: str) -> str:
         outcome = verdict_text(chain.verdict, chain.answer, view.expected)
     else:
         outcome = f"No final answer ({chain.stop_reason.replace('_', ' ')})"
-    return f"**{spec}** · {outcome} · {len(chain.steps)} steps · {chain.elapsed_s:.1f} s"
+    n = len(chain.steps)
+    return f"**{spec}** · {outcome} · {n} step{'' if n == 1 else 's'} · {chain.elapsed_s:.1f} s"
 
 
 def build(ctx: Context) -> None:
@@ -97,13 +97,13 @@ def build(ctx: Context) -> None:
         yield (views["a"].messages(), views["b"].messages(), answer_md(views["a"], specs["a"]),
                answer_md(views["b"], specs["b"]))
 
-    def evaluation(task, spec_a, spec_b, n, split, max_steps, max_new, request: gr.Request, progress=gr.Progress()):
+    def evaluation(task, spec_a, spec_b, n, split, max_steps, max_new, progress=gr.Progress()):
         from fcapp.evaluate import EvalConfig, evaluate
 
         specs = [(spec_a or EMBEDDED).strip(), (spec_b or EMBEDDED).strip()]
         if specs[0] == specs[1]:
             raise gr.Error("Pick two different models to evaluate.")
-        stop = _stops[request.session_hash] = threading.Event()
+        stop = _running["evaluation"] = threading.Event()
         config = EvalConfig(task, specs, split, int(n), None, int(max_steps), 0, int(max_new))
         progress(0, desc="loading models")
         with busy(f"Evaluation: {task}, {specs[0]} vs {specs[1]}, {int(n)} problems"):
@@ -114,7 +114,7 @@ def build(ctx: Context) -> None:
             except InterruptedError:
                 return ("Evaluation stopped.", *[gr.update()] * 7)
             finally:
-                _stops.pop(request.session_hash, None)
+                _running.pop("evaluation", None)
         return (*shown(result, specs), gr.update(choices=past_choices(task)))
 
     def shown(result, specs):
@@ -146,11 +146,11 @@ def build(ctx: Context) -> None:
         specs = list(record["results"]["models"])
         return shown(record["results"], specs[:2] if len(specs) >= 2 else specs * 2)
 
-    def stop_eval(request: gr.Request):
-        stop = _stops.get(request.session_hash)
+    def stop_eval():
+        stop = _running.get("evaluation")
         if stop is not None:
             stop.set()
-        return "Stopping…" if stop else "No evaluation running in this tab."
+        return "Stopping after the current problem…" if stop else "No evaluation is running."
 
     with gr.Tab("Compare", id="compare", elem_id="tab-compare") as tab:
         task0 = default_task()
@@ -187,9 +187,11 @@ def build(ctx: Context) -> None:
                 past = gr.Dropdown(past_choices(task0), label="Earlier evaluations", elem_id="cmp-eval-past")
             eval_note = gr.Markdown(elem_id="cmp-eval-note")
             with gr.Row():
-                acc_plot, valid_plot = gr.Plot(elem_id="cmp-plot-accuracy"), gr.Plot(elem_id="cmp-plot-valid")
+                acc_plot = gr.Plot(elem_id="cmp-plot-accuracy", show_label=False)
+                valid_plot = gr.Plot(elem_id="cmp-plot-valid", show_label=False)
             with gr.Row():
-                steps_plot, latency_plot = gr.Plot(elem_id="cmp-plot-steps"), gr.Plot(elem_id="cmp-plot-latency")
+                steps_plot = gr.Plot(elem_id="cmp-plot-steps", show_label=False)
+                latency_plot = gr.Plot(elem_id="cmp-plot-latency", show_label=False)
             summary = gr.Dataframe(headers=SUMMARY_HEADERS, interactive=False, elem_id="cmp-eval-summary",
                                    label="Summary")
             differ = gr.Dataframe(headers=["problem", "expected", "A", "B", "right one"], interactive=False,

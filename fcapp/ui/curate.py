@@ -10,13 +10,15 @@ import gradio as gr
 
 from fcapp.generate import GenerateConfig, generate
 from fcapp.pairs import PairPolicy, import_pairs, make_pairs
-from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, chatbot, default_task, edit_answer,
-                             exports_dir, get_model, model_choices, safe_upload, short, task_choices)
+from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, chatbot, default_task,
+                             edit_answer, exports_dir, get_model, model_choices, safe_upload, short, task_choices)
 
 HEADERS = ["id", "problem", "model", "verifier", "label", "counts as", "steps", "answer"]
 VERDICTS = {"any": None, "correct": True, "incorrect": False}
 LABEL_FILTERS = ["any", "unlabelled", "accept", "reject", "edited"]
-_stops: dict[str, threading.Event] = {}  # generation jobs by browser session
+# The running generation job's stop switch. The model slot runs one job at a time, so any tab (also one
+# opened after the starting tab was closed) can stop it.
+_running: dict[str, threading.Event] = {}
 
 
 def _mark(verdict) -> str:
@@ -40,7 +42,8 @@ def build(ctx: Context) -> None:
         return ["any"] + sorted({c["model_id"] for c in store.list_chains(task=task, limit=100000)})
 
     def table(task, verdict, label, teacher, problem):
-        rows = store.list_chains(task=task or None, verdict=VERDICTS.get(verdict), label=None if label == "any" else label,
+        rows = store.list_chains(task=task or None, verdict=VERDICTS.get(verdict),
+                                 label=None if label == "any" else label,
                                  model_id=None if teacher in (None, "any") else teacher,
                                  problem_id=(problem or "").strip() or None, limit=200)
         return [[r["id"], r["problem_id"], r["model_id"], _mark(r["verdict"]), r["label"] or "",
@@ -74,7 +77,7 @@ def build(ctx: Context) -> None:
         messages = chain_messages(chain["effective_record"], expected_of(chain), verifier)
         return messages, info, chain["answer"] or ""
 
-    def select(task, evt: gr.SelectData):
+    def select(evt: gr.SelectData):
         row = evt.row_value if evt.row_value else None
         chain_id = int(row[0]) if row else None
         return (chain_id, *show(chain_id))
@@ -113,7 +116,8 @@ def build(ctx: Context) -> None:
                         f"**s** skips.\n\n{short(a['question'], 400)}")
                 return ([problem_id, a["id"], b["id"]], skipped, text,
                         chain_messages(a["record"], expected), chain_messages(b["record"], expected))
-        return None, skipped, "No problem with two unlabelled chains left (generate more, or clear the skips).", [], []
+        note = "No problem with two unlabelled chains left (generate more; a page reload forgets the skips)."
+        return None, skipped, note, [], []
 
     def choose(pick, current, task, skipped, verdict, lab, teacher, problem, request: gr.Request):
         if not current:
@@ -148,10 +152,10 @@ def build(ctx: Context) -> None:
         return f"Imported {n} pairs from {path.name} (pair set 'imported').", counts_md(task)
 
     def run_generation(task, teacher, samples, limit, split, temperature, reference, max_steps, max_new,
-                       request: gr.Request, progress=gr.Progress()):
+                       progress=gr.Progress()):
         if not task:
             return "Pick a task."
-        stop = _stops[request.session_hash] = threading.Event()
+        stop = _running["generation"] = threading.Event()
         config = GenerateConfig(task, (teacher or EMBEDDED).strip(), int(samples), int(limit) or None, split,
                                 float(temperature), 0.95, int(max_steps), int(max_new), 1, 0, bool(reference))
         progress(0, desc=f"loading {config.teacher}")
@@ -163,16 +167,18 @@ def build(ctx: Context) -> None:
                          desc=f"{stats.done} chains, {stats.correct_rate:.0%} correct, "
                               f"{stats.chains_per_min:.1f}/min")
 
-            stats = generate(config, store, model, on_chain=on_chain, stop=stop)
-        _stops.pop(request.session_hash, None)
+            try:
+                stats = generate(config, store, model, on_chain=on_chain, stop=stop)
+            finally:
+                _running.pop("generation", None)
         state = "stopped" if stop.is_set() else "done"
         return (f"Generation {state}: {stats.done} new chains ({stats.correct} correct), {stats.skipped} already "
                 f"stored, {stats.failed} failed, {stats.references} reference chains.")
 
-    def stop_generation(request: gr.Request):
-        stop = _stops.get(request.session_hash)
+    def stop_generation():
+        stop = _running.get("generation")
         if stop is None:
-            return "No generation running in this tab."
+            return "No generation is running."
         stop.set()
         return "Stopping after the chains in flight…"
 
@@ -210,8 +216,8 @@ def build(ctx: Context) -> None:
                 ab_info = gr.Markdown("Press **Next pair** to start.", elem_id="ab-info")
                 next_btn = gr.Button("Next pair", elem_id="ab-next", scale=0)
             with gr.Row():
-                chat_a = chatbot("ab-chat-a", 320, "A", autoscroll=False)
-                chat_b = chatbot("ab-chat-b", 320, "B", autoscroll=False)
+                chat_a = chatbot("ab-chat-a", 440, "A", autoscroll=False)
+                chat_b = chatbot("ab-chat-b", 440, "B", autoscroll=False)
             with gr.Row():
                 a_btn = gr.Button("A is better [a]", elem_id="ab-a")
                 skip_btn = gr.Button("Skip [s]", elem_id="ab-skip")
@@ -249,7 +255,7 @@ def build(ctx: Context) -> None:
         refresh_outputs = [chains, counts, teacher]
         for trigger in (refresh_btn.click, task.change, verdict.change, lab.change, teacher.input, problem.submit):
             trigger(refresh, filters, refresh_outputs)
-        chains.select(select, task, [chain_id, chat, info, answer])
+        chains.select(select, None, [chain_id, chat, info, answer])
         open_btn.click(show, chain_id, [chat, info, answer])
         chain_id.submit(show, chain_id, [chat, info, answer])
         label_outputs = [note, chat, info, chains, counts, answer]

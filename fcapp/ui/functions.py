@@ -75,11 +75,14 @@ def save(task: str | None, source: str, examples: str):
 def switch(task: str | None, chosen: list[str]):
     """Apply the checkbox group: every listed function on, the others off (for this task only)."""
     if not task:
-        return gr.update(), gr.update(), gr.update()
+        return gr.update(), gr.update(), gr.update(), gr.update()
+    changed = []
     for row in user_tools.function_rows(task):
         if (row["name"] in chosen) != row["enabled"]:
             user_tools.set_enabled(task, row["name"], row["name"] in chosen)
-    return function_table(task), schemas_json(task), prompt_preview(task)
+            changed.append(f"**{row['name']}** {'on' if row['name'] in chosen else 'off'}")
+    note = f"Switched {', '.join(changed)} for {task}." if changed else gr.update()
+    return function_table(task), schemas_json(task), prompt_preview(task), note
 
 
 def load_user(name: str | None):
@@ -129,7 +132,8 @@ def build(ctx: Context) -> None:
                     "schema. They run in a child process with time and memory limits.")
         task = gr.Dropdown(list(task_choices()), value=default_task(), label="Task", elem_id="fn-task")
         table = gr.Dataframe(headers=HEADERS, value=function_table(default_task()), interactive=False, wrap=True,
-                             column_widths=["44px", "28%", "76px", "38%", "30%"], elem_id="fn-table", label="Functions (✓ = in the prompt)")
+                             column_widths=["40px", "27%", "70px", "33%", "30%"], elem_id="fn-table",
+                             label="Functions (✓ = in the prompt)")
         enabled = gr.CheckboxGroup(label="Switched on for this task", elem_id="fn-enabled")
         with gr.Row():
             with gr.Column(scale=3):
@@ -160,7 +164,7 @@ def build(ctx: Context) -> None:
 
         outputs = [table, enabled, schemas, preview, target, mine]
         task.change(refresh, task, outputs)
-        enabled.input(switch, [task, enabled], [table, schemas, preview])
+        enabled.input(switch, [task, enabled], [table, schemas, preview, note])
         save_btn.click(save, [task, source, examples], [note, *outputs])
         delete_btn.click(delete, [task, mine], [note, *outputs])
         mine.input(load_user, mine, [source, examples, note])

@@ -7,8 +7,8 @@ import time
 import gradio as gr
 
 from fcapp.solve import SolveConfig, solve_events
-from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task, get_model, get_problem,
-                             model_choices, problem_choices, short, task_choices, verdict_text)
+from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task, get_model,
+                             get_problem, model_choices, problem_choices, short, task_choices, verdict_text)
 
 MODEL_HELP = ("'smollm2' (embedded), a tuned model's name, or an OpenAI-compatible server as "
               "http://HOST:PORT/v1#MODEL (its key is read from the environment variable below)")
@@ -47,7 +47,8 @@ def stream_chain(task_obj, problem, model, config: SolveConfig, view: ChainView,
 
 
 def summary(chain) -> str:
-    return (f"{len(chain.steps)} steps · {chain.valid_calls} valid calls · {chain.completion_tokens} tokens · "
+    n = len(chain.steps)
+    return (f"{n} step{'' if n == 1 else 's'} · {chain.valid_calls} valid calls · {chain.completion_tokens} tokens · "
             f"{chain.elapsed_s:.1f} s · stop: {chain.stop_reason}")
 
 

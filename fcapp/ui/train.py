@@ -40,6 +40,9 @@ def charts(log: list[dict[str, Any]]) -> tuple[go.Figure, go.Figure]:
                                          name="reward margin"), secondary_y=False)
             rewards.add_trace(go.Scatter(x=steps, y=[r.get("rewards/accuracies") for r in rows],
                                          mode="lines+markers", name="reward accuracy"), secondary_y=True)
+    last_step = max((r.get("step", 0) for r in log), default=0)
+    for figure in (loss, rewards):  # whole steps on the x axis
+        figure.update_xaxes(tick0=0, dtick=max(1, -(-last_step // 10)))
     loss.update_layout(title="Loss", xaxis_title="step", height=300, margin=dict(l=40, r=20, t=40, b=40))
     rewards.update_layout(title="DPO rewards", xaxis_title="step", height=300, margin=dict(l=40, r=40, t=40, b=40))
     rewards.update_yaxes(title_text="margin", secondary_y=False)
@@ -222,8 +225,8 @@ def build(ctx: Context) -> None:
         note = gr.Markdown(elem_id="train-note")
         progress = gr.HTML(elem_id="train-progress")
         with gr.Row():
-            loss_plot = gr.Plot(elem_id="train-loss", label="Loss")
-            rewards_plot = gr.Plot(elem_id="train-rewards", label="Rewards")
+            loss_plot = gr.Plot(elem_id="train-loss", show_label=False)
+            rewards_plot = gr.Plot(elem_id="train-rewards", show_label=False)
         with gr.Accordion("Run card", open=False):
             card = gr.JSON(elem_id="train-card")
         runs = gr.Dataframe(headers=HISTORY_HEADERS, value=history(), interactive=False, elem_id="train-history",
