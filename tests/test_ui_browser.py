@@ -276,6 +276,7 @@ def test_solve_streams_a_chain_with_a_call_and_a_verdict(page):
     chat = page.locator("#solve-chat")
     expect(chat).to_contain_text("Natalia sold clips")
     expect(chat).to_contain_text(re.compile(r"Step \d+ · \w+\("))  # a function-call step
+    chat.get_by_text("Step 1 ·").first.click()  # unfold it: the model's raw reply and the result
     screenshot(page, "solve")
 
 
@@ -357,4 +358,6 @@ def test_compare_base_and_tuned_side_by_side(page):
         expect(answer).to_contain_text(name)
         expect(answer).to_contain_text(re.compile(r"Answer|No final answer"))
         expect(page.locator(f"#cmp-chat-{side}")).to_contain_text("Step 1")
+    for side in "ab":  # unfold each side's first step
+        page.locator(f"#cmp-chat-{side}").get_by_text("Step 1 ·").first.click()
     screenshot(page, "compare")

@@ -21,7 +21,6 @@ from fcapp.pairs import PairPolicy, make_pairs
 from fcapp.paths import models_dir
 from fcapp.ui.common import EMBEDDED, Context, default_task, exports_dir, fmt_seconds, model_choices, task_choices
 
-ACTIVE = ("created", "starting", "running")
 HISTORY_HEADERS = ["run", "name", "status", "steps", "pairs", "final loss", "margin", "started", "seconds"]
 
 
