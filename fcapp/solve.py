@@ -7,9 +7,10 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
-from fcapp.agent import Agent, AgentConfig, Chain, Event, demonstration
+from fcapp.agent import FINAL_ANSWER, Agent, AgentConfig, Call, Chain, Event, Step, demonstration
 from fcapp.models.base import ChatModel, Message, SamplingParams
 from fcapp.tasks.base import Problem, Task
+from fcapp.tools.base import render_call
 
 
 @dataclass
@@ -75,4 +76,31 @@ def reference_chain(task: Task, problem: Problem) -> Chain | None:
         return None
     agent, chain = start_chain(task, problem, "reference")
     agent.replay(chain, calls)
+    return finish(task, problem, chain)
+
+
+def edit_final_answer(record: dict, answer: str) -> Chain:
+    """A stored chain with its final answer corrected by a person, re-verified against the ground truth.
+
+    The last final_answer step gets the new argument (or one is appended); verdict is None for a
+    problem without ground truth."""
+    from fcapp.tasks import get_task
+
+    answer = answer.strip()
+    if not answer:
+        raise ValueError("type the corrected final answer")
+    chain = Chain.from_dict(record)
+    text = render_call(FINAL_ANSWER, {"answer": answer})
+    last = chain.steps[-1] if chain.steps else None
+    if last is not None and last.call is not None and last.call.name == FINAL_ANSWER:
+        last.call.arguments = {"answer": answer}
+        last.text, last.result, last.error = text, f"Final answer: {answer}", None
+    else:
+        chain.steps.append(Step(len(chain.steps), text, Call(FINAL_ANSWER, {"answer": answer}), f"Final answer: {answer}"))
+    chain.answer, chain.stop_reason, chain.verdict = answer, "answer", None
+    task = get_task(chain.task)
+    try:
+        problem = task.get(chain.problem_id)
+    except KeyError:  # a typed-in problem: nothing to verify against
+        return chain
     return finish(task, problem, chain)

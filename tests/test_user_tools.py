@@ -141,17 +141,17 @@ def test_find_tool_for_the_try_call_box(home, gsm8k):
 
 def test_edit_answer_is_re_verified(gsm8k):
     """The Curate tab's edit: the final answer replaced, the verifier run again."""
-    from fcapp.solve import reference_chain
-    from fcapp.ui.common import chain_messages, edit_answer
+    from fcapp.solve import edit_final_answer, reference_chain
+    from fcapp.ui.common import chain_messages
 
     problem = next(p for p in gsm8k.split("train") if gsm8k.reference_calls(p))
     record = reference_chain(gsm8k, problem).to_dict()
-    wrong, verdict = edit_answer(record, "-5")
-    assert verdict is False and wrong.answer == "-5" and wrong.steps[-1].call.arguments == {"answer": "-5"}
-    right, verdict = edit_answer(wrong.to_dict(), problem.answer)
-    assert verdict is True and len(right.steps) == len(record["steps"])
+    wrong = edit_final_answer(record, "-5")
+    assert wrong.verdict is False and wrong.answer == "-5" and wrong.steps[-1].call.arguments == {"answer": "-5"}
+    right = edit_final_answer(wrong.to_dict(), problem.answer)
+    assert right.verdict is True and len(right.steps) == len(record["steps"])
     with pytest.raises(ValueError):
-        edit_answer(record, "  ")
+        edit_final_answer(record, "  ")
     messages = chain_messages(right, problem.answer)
     assert messages[0]["role"] == "user" and "final_answer(" in messages[-2]["metadata"]["title"]
     assert "✓ correct" in messages[-1]["content"]

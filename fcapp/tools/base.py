@@ -57,9 +57,7 @@ class Tool:
         return f"{self.name}({args})"
 
     def render_call(self, arguments: dict[str, Any]) -> str:
-        """Python-call syntax with literal arguments: `Name(a=2, b="x")`."""
-        args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in arguments.items())
-        return f"{self.name}({args})"
+        return render_call(self.name, arguments)
 
     def validate(self, arguments: Any) -> dict[str, Any]:
         """Check arguments against the schema; return them coerced (e.g. "3" -> 3 for an integer)."""
@@ -92,6 +90,12 @@ class Tool:
         if len(text) > MAX_RESULT_CHARS:
             text = text[:MAX_RESULT_CHARS] + " ...[truncated]"
         return text
+
+
+def render_call(name: str, arguments: dict[str, Any]) -> str:
+    """Python-call syntax with literal arguments: `name(a=2, b="x")` (what the prompt teaches)."""
+    args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False, default=str)}" for k, v in arguments.items())
+    return f"{name}({args})"
 
 
 def _coerce(tool: str, arg: str, value: Any, spec: dict[str, Any]) -> Any:

@@ -19,6 +19,7 @@ import gradio as gr
 from fcapp.agent import FINAL_ANSWER, Chain, Event, Step
 from fcapp.paths import data_home
 from fcapp.store import Store
+from fcapp.tools.base import render_call
 
 # Every event that generates text with a model shares this concurrency id (limit 1): a live
 # solve, a comparison, a generation job and an evaluation queue for the one slot instead of
@@ -153,12 +154,6 @@ def get_problem(task: str, problem_id: str | None, question: str = "", expected:
 
 
 # ---- chains as chat messages ---------------------------------------------------------------------------
-def render_call(name: str, arguments: dict[str, Any]) -> str:
-    """`name(a=1, b="x")`: the same form as Tool.render_call."""
-    args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False, default=str)}" for k, v in arguments.items())
-    return f"{name}({args})"
-
-
 def _fence(text: str) -> str:
     text = text.strip() or "(empty reply)"
     return "```\n" + text.replace("```", "ˋˋˋ") + "\n```"
@@ -282,36 +277,6 @@ class ChainView:
 
 
 # ---- curation helper (kept free of gradio: the CLI could call it too) ----------------------------------
-def edit_answer(record: dict[str, Any], answer: str) -> tuple[Chain, bool | None]:
-    """A stored chain with its final answer replaced, re-verified against the problem's ground truth.
-
-    The last final_answer step gets the new argument (or one is appended); returns (chain, verdict)."""
-    from fcapp.solve import finish
-    from fcapp.tasks import get_task
-
-    chain = Chain.from_dict(json.loads(json.dumps(record)))
-    answer = answer.strip()
-    if not answer:
-        raise ValueError("type the corrected final answer")
-    text = render_call(FINAL_ANSWER, {"answer": answer})
-    last = chain.steps[-1] if chain.steps else None
-    if last is not None and last.call is not None and last.call.name == FINAL_ANSWER:
-        last.call.arguments = {"answer": answer}
-        last.text, last.result, last.error = text, f"Final answer: {answer}", None
-    else:
-        from fcapp.agent import Call
-
-        chain.steps.append(Step(len(chain.steps), text, Call(FINAL_ANSWER, {"answer": answer}),
-                                f"Final answer: {answer}"))
-    chain.answer, chain.stop_reason = answer, "answer"
-    task = get_task(chain.task)
-    problem = task.get(chain.problem_id) if chain.problem_id != "custom" else None
-    if problem is None:
-        return chain, None
-    finish(task, problem, chain)
-    return chain, chain.verdict
-
-
 # ---- files ----------------------------------------------------------------------------------------------
 def exports_dir() -> Path:
     path = data_home() / "exports"

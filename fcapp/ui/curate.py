@@ -10,8 +10,9 @@ import gradio as gr
 
 from fcapp.generate import GenerateConfig, generate
 from fcapp.pairs import PairPolicy, import_pairs, make_pairs
+from fcapp.solve import edit_final_answer
 from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, chatbot, default_task,
-                             edit_answer, exports_dir, get_model, model_choices, safe_upload, short, task_choices)
+                             exports_dir, get_model, model_choices, safe_upload, short, task_choices)
 
 HEADERS = ["id", "problem", "model", "verifier", "label", "counts as", "steps", "answer"]
 VERDICTS = {"any": None, "correct": True, "incorrect": False}
@@ -95,7 +96,8 @@ def build(ctx: Context) -> None:
         if chain is None:
             return ("Pick a chain first.", *[gr.update()] * 5)
         try:
-            edited, new_verdict = edit_answer(chain["record"], answer or "")
+            edited = edit_final_answer(chain["record"], answer or "")
+            new_verdict = edited.verdict
         except ValueError as exc:
             return (f"✗ {exc}", *[gr.update()] * 5)
         store.label_chain(chain["id"], "edited", _who(request), edited_record=edited, edited_verdict=new_verdict)
