@@ -11,12 +11,16 @@ Everything that goes wrong raises CallParseError with a message the model can ac
 from __future__ import annotations
 
 import ast
+import heapq
 import json
 import re
 from dataclasses import dataclass
 from typing import Any
 
 MAX_CALL_CHARS = 4000
+# Call-shaped spans tried per reply (a known name followed by "(", or "[" / "{"): text full of
+# brackets costs at most this many bounded attempts, instead of time quadratic in its length.
+MAX_CANDIDATES = 100
 _NAME_CALL = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]{0,63})\s*\(")
 _TAG = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
@@ -57,12 +61,13 @@ def _literal(node: ast.AST) -> Any:
     )
 
 
-def _scan_call_end(text: str, open_paren: int) -> int | None:
-    """Index just after the parenthesis that closes `open_paren`, skipping quoted strings."""
+def _scan_call_end(text: str, open_paren: int, stop: int) -> int | None:
+    """Index just after the parenthesis that closes `open_paren`, skipping quoted strings; None
+    when it is not closed before index `stop`."""
     depth = 0
     quote: str | None = None
     i = open_paren
-    while i < len(text):
+    while i < min(len(text), stop):
         ch = text[i]
         if quote:
             if ch == "\\":
@@ -82,12 +87,14 @@ def _scan_call_end(text: str, open_paren: int) -> int | None:
 
 
 def _parse_python_call(text: str, start: int, open_paren: int) -> ParsedCall | None:
-    end = _scan_call_end(text, open_paren)
+    end = _scan_call_end(text, open_paren, start + MAX_CALL_CHARS)
     if end is None:
-        return None
+        if len(text) <= start + MAX_CALL_CHARS:
+            return None  # not closed yet (still streaming) or never closed
+        # Not closed within the limit: too long whatever follows (and scanning on would make
+        # text with thousands of open calls quadratic). The error ends the reply here.
+        raise CallParseError(f"the call is too long (over {MAX_CALL_CHARS} characters)", start + MAX_CALL_CHARS)
     source = text[start:end]
-    if len(source) > MAX_CALL_CHARS:
-        raise CallParseError(f"the call is too long ({len(source)} characters, limit {MAX_CALL_CHARS})", end)
     try:
         tree = ast.parse(source, mode="eval")
     except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
@@ -115,7 +122,7 @@ def _parse_json_call(text: str, start: int) -> ParsedCall | None:
         text = text[: start + MAX_CALL_CHARS * 4]
     try:
         obj, end = json.JSONDecoder().raw_decode(text, start)
-    except (json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # ValueError: also integers over Python's 4300-digit limit
         return None
     if isinstance(obj, list) and obj:
         obj = obj[0]
@@ -125,7 +132,7 @@ def _parse_json_call(text: str, start: int) -> ParsedCall | None:
     if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
         try:
             arguments = json.loads(arguments)
-        except (json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             raise CallParseError(f"the arguments of {obj['name']} are not valid JSON", end) from None
     if not isinstance(arguments, dict):
         raise CallParseError(f"the arguments of {obj['name']} must be an object of named values", end)
@@ -143,16 +150,23 @@ def parse_call(text: str, known_names: list[str] | None = None) -> ParsedCall:
     else:
         text_part = text
     folded = {n.lower().replace("_", "") for n in known_names or []}
-    candidates: list[tuple[int, str]] = [(m.start(), "py") for m in _NAME_CALL.finditer(text_part)]
-    candidates += [(m.start(), "json") for m in re.finditer(r"[\[{]", text_part)]
+    candidates = heapq.merge(  # lazily, in text order: a huge reply never becomes a huge list
+        ((m.start(), "py") for m in _NAME_CALL.finditer(text_part)),
+        ((m.start(), "json") for m in re.finditer(r"[\[{]", text_part)),
+    )
     first_error: CallParseError | None = None
-    for start, kind in sorted(candidates):
+    attempts = 0
+    for start, kind in candidates:
+        if kind == "py":
+            match = _NAME_CALL.match(text_part, start)
+            assert match is not None
+            if known_names is not None and match.group(1).lower().replace("_", "") not in folded:
+                continue
+        attempts += 1
+        if attempts > MAX_CANDIDATES:
+            break
         try:
             if kind == "py":
-                match = _NAME_CALL.match(text_part, start)
-                assert match is not None
-                if known_names is not None and match.group(1).lower().replace("_", "") not in folded:
-                    continue
                 parsed = _parse_python_call(text_part, start, match.end() - 1)
             else:
                 parsed = _parse_json_call(text_part, start)

@@ -133,9 +133,12 @@ def load_pair_file(path: str | Path) -> list[dict[str, Any]]:
             records = list(enumerate(pq.read_table(path).to_pylist(), start=1))
         except Exception as exc:  # pyarrow raises several types for a corrupt file
             raise ProblemFileError(f"{path}: not a readable Parquet file ({exc})") from None
-        for _, record in records:
+        for line, record in records:
             if isinstance(record.get("tools"), str):
-                record["tools"] = json.loads(record["tools"])
+                try:
+                    record["tools"] = json.loads(record["tools"])
+                except (ValueError, RecursionError):
+                    raise ProblemFileError(f"{path}:{line}: 'tools' is not valid JSON") from None
     else:
         records = read_jsonl(path)
     rows = []

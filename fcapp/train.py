@@ -116,6 +116,8 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> "TrainConfig":
+        if not isinstance(record, dict):
+            raise ValueError(f"a training config is an object of TrainConfig fields, not {type(record).__name__}")
         unknown = set(record) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown training option(s): {', '.join(sorted(unknown))}")
@@ -157,15 +159,21 @@ def read_pairs(path: str | Path) -> list[dict[str, Any]]:
             raise PairsError(f"{path}: not a readable Parquet file: {exc}") from None
     else:
         records = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}: line {number}"
-                try:
-                    records.append((where, json.loads(line)))
-                except json.JSONDecodeError as exc:
-                    raise PairsError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+        try:
+            lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON keeps U+2028, U+0085 raw
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PairsError(f"{path}: cannot read: {exc}") from None
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            where = f"{path}: line {number}"
+            try:
+                records.append((where, json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise PairsError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            except (ValueError, RecursionError) as exc:  # nested too deeply, an integer over 4300 digits
+                reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+                raise PairsError(f"{where}: invalid JSON ({reason})") from None
     rows = []
     for where, record in records:
         if not isinstance(record, dict):
@@ -704,7 +712,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    config = TrainConfig.from_dict(json.loads(Path(args.config).read_text()))
+    try:
+        config = TrainConfig.from_dict(json.loads(Path(args.config).read_text(encoding="utf-8")))
+    except json.JSONDecodeError as exc:  # a clear one-line error naming file and line, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {args.config}:{exc.lineno}: invalid JSON "
+                       f"({exc.msg} at column {exc.colno})\n")
+    except (OSError, UnicodeDecodeError) as exc:
+        parser.exit(2, f"{parser.prog}: error: {args.config}: cannot read: {exc}\n")
+    except (ValueError, TypeError, AttributeError) as exc:  # unknown or missing options, wrong types
+        parser.exit(2, f"{parser.prog}: error: {args.config}: invalid training config: {exc}\n")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # SIGTERM = stop after this step, saving
     result = train(config, stop_event=stop)  # an exception is recorded as "failed", then exits 1

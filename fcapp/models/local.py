@@ -82,7 +82,7 @@ def resolve_model_path(spec: str | None) -> str:
         return str(embedded_model_dir())
     assert spec is not None
     registered = models_dir() / spec
-    if "/" not in spec and (registered / "model" / "config.json").exists():
+    if "/" not in spec and spec not in (".", "..") and (registered / "model" / "config.json").exists():
         return str(registered / "model")
     if Path(spec).expanduser().exists():
         return str(Path(spec).expanduser())
@@ -222,9 +222,6 @@ class _KVState:
     def width(self) -> int:
         return self.valid.shape[1]
 
-    def holes(self) -> bool:
-        return not bool(self.valid.all())
-
     def match(self, ids: list[int]) -> tuple[int, int]:
         """(row, n): the row sharing the longest prefix with `ids` and that prefix's length."""
         best = (0, 0)
@@ -298,6 +295,14 @@ class _KVState:
             self.where[row].extend(range(start + new - len(suffix), start + new))
         self.valid = valid
         return out.logits[:, -1]
+
+
+def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
+    """A categorical draw by inverse CDF, `weights` not necessarily normalised (torch.multinomial
+    takes ~0.75 ms over a 49k vocabulary, this ~0.05 ms)."""
+    cdf = torch.cumsum(weights.double().cpu(), dim=0)
+    u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
+    return int(torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -387,6 +392,11 @@ class LocalModel:
         self.stop_ids = {i for i in eos if i is not None}
         self.pad_id = min(self.stop_ids) if self.stop_ids else 0
 
+    def clear_cache(self) -> None:
+        """Forget every cached prefix: the next prompt is encoded from scratch (and the memory freed)."""
+        with self.lock:
+            self._state = _KVState(self._layers)
+
     # ---- prompt -------------------------------------------------------------------------------
     def encode(self, messages: list[Message]) -> list[int]:
         text = self.tokenizer.apply_chat_template(
@@ -422,14 +432,18 @@ class LocalModel:
         return torch.get_num_threads()
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
+        """One token: greedy at temperature 0, else from the top-p nucleus. The nucleus is looked for
+        among the 64 likeliest tokens first (sorting the whole vocabulary costs ~5 ms a token)."""
         if params.temperature <= 0:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / params.temperature, dim=-1)
-        if params.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < params.top_p
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+        if params.top_p >= 1.0:
+            return _draw(probs, generator)
+        top, order = torch.topk(probs, min(64, probs.numel()))
+        if float(top.sum()) < params.top_p:
+            top, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(top, dim=-1) - top < params.top_p
+        return int(order[keep][_draw(top[keep], generator)])
 
     def _decode(self, prompts: list[list[int]], params: list[SamplingParams],
                 stop_when: Callable[[int, str], bool] | None) -> Iterator[list[_Row]]:

@@ -96,7 +96,7 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; a clear ProblemFileError on the first bad one."""
     path = Path(path)
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON keeps U+2028, U+0085 raw
     except (OSError, UnicodeDecodeError) as exc:
         raise ProblemFileError(f"{path}: cannot read: {exc}") from None
     rows = []
@@ -107,6 +107,9 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ProblemFileError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
+        except (ValueError, RecursionError) as exc:  # nested too deeply, or an integer over 4300 digits
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+            raise ProblemFileError(f"{path}:{number}: not valid JSON ({reason})") from None
         if not isinstance(record, dict):
             raise ProblemFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
         rows.append((number, record))

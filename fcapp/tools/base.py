@@ -83,7 +83,7 @@ class Tool:
         except ToolError:
             raise
         except (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError) as exc:
-            raise ToolError(f"{self.name} failed: {exc}") from None
+            raise ToolError(f"{self.name} failed: {str(exc) or type(exc).__name__}") from None  # some have no message
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
         text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)

@@ -306,7 +306,12 @@ def solve_equation(equation: str, variable: str = "") -> str:
     _bounded(left - right, MAX_SOLVE_DEGREE)
     if sympy.simplify(left - right) == 0:
         return f"every value of {name} is a solution"
-    solutions = sympy.solve(sympy.Eq(left, right), symbol)
+    try:
+        solutions = sympy.solve(sympy.Eq(left, right), symbol)
+    except NotImplementedError:  # e.g. floor(x) = 2, x % 3 = 1, min(x, 2) = 1: sympy has no method
+        raise ToolError(f"cannot solve this equation for {name} exactly (floor, ceil, %, min, max and round "
+                        "usually make that impossible); rewrite it without them, or try values with "
+                        "calculator") from None
     if not solutions:
         return f"no real solution found for {name}"
     return " or ".join(f"{name} = {_format_any(s)}" for s in solutions)
