@@ -21,6 +21,9 @@ MAX_CALL_CHARS = 4000
 # Call-shaped spans tried per reply (a known name followed by "(", or "[" / "{"): text full of
 # brackets costs at most this many bounded attempts, instead of time quadratic in its length.
 MAX_CANDIDATES = 100
+# Lists / objects inside arguments nest at most this deep (JSON allows ~1000 levels, which chains
+# then cannot be copied or stored with: dataclasses.asdict recurses).
+MAX_NESTING = 20
 _NAME_CALL = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]{0,63})\s*\(")
 _TAG = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
@@ -59,6 +62,18 @@ def _literal(node: ast.AST) -> Any:
         f"arguments must be literal values (text in quotes, numbers, true/false, lists), not {what}; "
         'write text and formulas in quotes, e.g. expression="3*4"'
     )
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether lists / dicts in `value` nest deeper than MAX_NESTING (checked without recursion)."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, dict)):
+            if depth > MAX_NESTING:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
 
 
 def _scan_call_end(text: str, open_paren: int, stop: int) -> int | None:
@@ -114,6 +129,8 @@ def _parse_python_call(text: str, start: int, open_paren: int) -> ParsedCall | N
         raise CallParseError(str(exc), end) from None
     except RecursionError:
         raise CallParseError("the call's arguments are nested too deeply", end) from None
+    if _too_deep([positional, arguments]):
+        raise CallParseError("the call's arguments are nested too deeply", end)
     return ParsedCall(call.func.id, arguments, positional, end)
 
 
@@ -136,6 +153,8 @@ def _parse_json_call(text: str, start: int) -> ParsedCall | None:
             raise CallParseError(f"the arguments of {obj['name']} are not valid JSON", end) from None
     if not isinstance(arguments, dict):
         raise CallParseError(f"the arguments of {obj['name']} must be an object of named values", end)
+    if _too_deep(arguments):
+        raise CallParseError(f"the arguments of {obj['name']} are nested too deeply", end)
     return ParsedCall(obj["name"], arguments, [], end)
 
 

@@ -339,8 +339,9 @@ def test_sigkill_mid_write_loses_no_committed_chain(tmp_path: Path) -> None:
             break
         reported.append(int(line))
     os.kill(child.pid, signal.SIGKILL)
-    rest, _ = child.communicate(timeout=10)
-    reported += [int(line) for line in rest.split()]
+    child.wait(timeout=10)
+    # read through the same buffered reader: communicate() would skip what readline() buffered
+    reported += [int(line) for line in child.stdout.read().split()]
     assert child.returncode == -signal.SIGKILL
     assert len(reported) >= 300
 

@@ -5,7 +5,7 @@ Decoding is a hand-written loop over one persistent batch KV cache: consecutive 
 samples of the same problem and problems of the same task reuse their shared prompt prefix instead
 of re-encoding it, and `generate_batch` decodes several conversations in one batch. Measured
 choices (benchmarks/results.md): fp32 with weights laid out for one-token matmuls, KV buffers
-written in place, capped OpenMP spinning.
+written in place, top-p sampling without a full sort, intra-op threads picked by measurement.
 """
 
 from __future__ import annotations
@@ -95,20 +95,22 @@ def default_device() -> str:
 
 def _lay_out_for_decode(model: torch.nn.Module) -> None:
     """Store each fp32 Linear weight as [in, out] in memory (a transposed view keeps its shape and
-    values): MKL's one-token x @ W then streams the weights 1.4-1.7x faster than from [out, in]
-    rows (measured on the 2-core box). Results equal the plain layout's up to float rounding."""
+    values): MKL's one-token x @ W then streams the weights faster than from [out, in] rows
+    (measured on the 2-core box: matmuls 1.4-1.7x, whole decode steps ~1.2x). Results equal the
+    plain layout's up to float rounding."""
     for module in model.modules():
         if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
             module.weight.data = module.weight.data.t().contiguous().t()
 
 
 class _ThreadChooser:
-    """Intra-op threads for decoding, chosen by measuring decode steps as they run.
+    """Intra-op threads for one kind of forward pass, chosen by timing the passes as they run.
 
-    On an idle machine every core helps; on a shared one (the 2-core box with other jobs) two
-    threads that wait for each other are 2-10x slower than one (measured: a batch-8 step 0.2 s
-    with 1 thread, 1.0-1.6 s with 2). So now and then a couple of steps run with the other count;
-    the faster one is kept, and a probe that loses waits twice as long before the next."""
+    On an idle machine every core helps (prefill ran 1.8x faster on 2 threads); on a shared one
+    (the 2-core box with other jobs) two threads that wait for each other are 2-10x slower than
+    one (measured: a batch-8 decode step 0.2 s with 1 thread, 1.0-1.6 s with 2). So now and then
+    a couple of passes run with the other count; the cheaper one is kept, and a probe that loses
+    waits twice as long before the next."""
 
     PROBE = 2
 
@@ -117,21 +119,22 @@ class _ThreadChooser:
         self.current = self.choices[0]
         self.period = 16
         self.countdown = self.period
-        self.recent: list[float] = []  # seconds of the last steps with the current count
-        self.probe: list[float] = []   # seconds of the probe's steps
+        self.recent: list[float] = []  # costs of the last passes with the current count
+        self.probe: list[float] = []   # costs of the probe's passes
 
     def next(self) -> int:
-        """The thread count for the coming step."""
+        """The thread count for the coming pass."""
         if len(self.choices) > 1 and self.countdown <= 0 and len(self.recent) >= self.PROBE:
             return self.choices[1 - self.choices.index(self.current)]
         return self.current
 
-    def record(self, threads: int, seconds: float) -> None:
+    def record(self, threads: int, cost: float) -> None:
+        """The cost (seconds per unit of work) of a pass that ran with `threads`."""
         if threads == self.current:
-            self.recent = (self.recent + [seconds])[-self.PROBE:]
+            self.recent = (self.recent + [cost])[-self.PROBE:]
             self.countdown -= 1
             return
-        self.probe.append(seconds)
+        self.probe.append(cost)
         if len(self.probe) < self.PROBE:
             return
         if sum(self.probe) < 0.9 * sum(self.recent):
@@ -194,13 +197,31 @@ class _GrowingLayer(DynamicLayer):
         if self._k is not None:
             self._publish()
 
-    def regather(self, rows: torch.Tensor, columns: torch.Tensor) -> None:
-        """Keep, for new row j, old row rows[j]'s columns columns[j] (a [new_rows, new_length] index)."""
-        if self._k is None:
+    def take(self, source: "_GrowingLayer", rows: torch.Tensor, columns: torch.Tensor) -> None:
+        """Become `source`'s rows `rows`, new row j holding old columns columns[j] ([rows, width])."""
+        if source._k is None:
             return
-        index = columns[:, None, :, None].expand(-1, self.keys.shape[1], -1, self.keys.shape[-1])
-        k = self.keys.index_select(0, rows).gather(2, index)
-        v = self.values.index_select(0, rows).gather(2, index)
+        index = columns[:, None, :, None].expand(-1, source.keys.shape[1], -1, source.keys.shape[-1])
+        self.device, self.is_initialized = source.device, True
+        self._store(source.keys.index_select(0, rows).gather(2, index),
+                    source.values.index_select(0, rows).gather(2, index), room=256)
+
+    def join(self, parts: list[tuple["_GrowingLayer", int]], width: int) -> None:
+        """Become the rows of `parts` ((layer, its row count) pairs) stacked, each right-aligned to
+        `width` columns; the columns on the left of a narrower part are zeros (masked holes)."""
+        like = next((layer for layer, _ in parts if layer._k is not None), None)
+        if like is None:
+            return
+        _, heads, _, dim = like.keys.shape
+        rows = sum(n for _, n in parts)
+        k, v = like.keys.new_zeros(rows, heads, width, dim), like.values.new_zeros(rows, heads, width, dim)
+        row = 0
+        for layer, n in parts:
+            if layer._k is not None and layer.length:
+                k[row:row + n, :, width - layer.length:] = layer.keys
+                v[row:row + n, :, width - layer.length:] = layer.values
+            row += n
+        self.device, self.is_initialized = like.device, True
         self._store(k, v, room=256)
 
 
@@ -213,6 +234,7 @@ class _KVState:
     so every row computes what it would alone."""
 
     def __init__(self, n_layers: int, rows: int = 0) -> None:
+        self.n_layers = n_layers
         self.cache = Cache(layers=[_GrowingLayer() for _ in range(n_layers)])
         self.tokens: list[list[int]] = [[] for _ in range(rows)]  # per row: its real tokens, in order
         self.where: list[list[int]] = [[] for _ in range(rows)]   # per row: the column of each of them
@@ -231,34 +253,56 @@ class _KVState:
                 best = (row, n)
         return best
 
-    def keep(self, sources: list[int], lengths: list[int]) -> None:
-        """Make new row j the first lengths[j] tokens of old row sources[j]. Done in place (masking the
-        dropped tails) when rows stay put and little would be wasted, else by one gather that also
-        packs each row to the right (the holes of short rows on the left)."""
+    def keep(self, sources: list[int], lengths: list[int]) -> "_KVState":
+        """The state whose row j is the first lengths[j] tokens of row sources[j]: this one, cut in
+        place (the dropped tails masked), when rows stay put and little would be wasted; else a new
+        packed one (see `rows`)."""
         last = [self.where[s][n - 1] + 1 if n else 0 for s, n in zip(sources, lengths)]
         width = max(last, default=0)
-        in_place = sources == list(range(len(self.tokens))) and width - max(lengths, default=0) <= width // 4
-        if in_place:
-            for row, n in enumerate(lengths):
-                self.valid[row, last[row]:] = False
-                self.tokens[row], self.where[row] = self.tokens[row][:n], self.where[row][:n]
-            self.valid = self.valid[:, :width]
-            for layer in self.cache.layers:
-                layer.crop(width - layer.get_seq_length())
-            return
+        if sources != list(range(len(self.tokens))) or width - max(lengths, default=0) > width // 4:
+            return self.rows(sources, lengths)
+        for row, n in enumerate(lengths):
+            self.valid[row, last[row]:] = False
+            self.tokens[row], self.where[row] = self.tokens[row][:n], self.where[row][:n]
+        self.valid = self.valid[:, :width]
+        for layer in self.cache.layers:
+            layer.crop(width - layer.get_seq_length())
+        return self
+
+    def rows(self, sources: list[int], lengths: list[int]) -> "_KVState":
+        """A new state whose row j holds the first lengths[j] tokens of row sources[j], packed to the
+        right (the holes of shorter rows on the left). This one is left as it is."""
         width = max(lengths, default=0)
+        packed = _KVState(self.n_layers)
         columns = torch.zeros(len(sources), width, dtype=torch.long)
-        valid = torch.zeros(len(sources), width, dtype=torch.bool)
+        packed.valid = torch.zeros(len(sources), width, dtype=torch.bool)
         for j, (s, n) in enumerate(zip(sources, lengths)):
             if n:
                 columns[j, width - n:] = torch.tensor(self.where[s][:n])
-                valid[j, width - n:] = True
-        rows = torch.tensor(sources, dtype=torch.long)
-        for layer in self.cache.layers:
-            layer.regather(rows, columns)
-        self.tokens = [self.tokens[s][:n] for s, n in zip(sources, lengths)]
-        self.where = [list(range(width - n, width)) for n in lengths]
-        self.valid = valid
+                packed.valid[j, width - n:] = True
+        index = torch.tensor(sources, dtype=torch.long)
+        for new, old in zip(packed.cache.layers, self.cache.layers):
+            new.take(old, index, columns)
+        packed.tokens = [self.tokens[s][:n] for s, n in zip(sources, lengths)]
+        packed.where = [list(range(width - n, width)) for n in lengths]
+        return packed
+
+    @staticmethod
+    def joined(states: list["_KVState"]) -> "_KVState":
+        """One state holding the rows of `states` in order, right-aligned to the widest."""
+        width = max(state.width for state in states)
+        joined = _KVState(states[0].n_layers)
+        joined.valid = torch.zeros(sum(len(state.tokens) for state in states), width, dtype=torch.bool)
+        row = 0
+        for state in states:
+            shift = width - state.width
+            joined.valid[row:row + len(state.tokens), shift:] = state.valid
+            joined.tokens += [list(tokens) for tokens in state.tokens]
+            joined.where += [[column + shift for column in where] for where in state.where]
+            row += len(state.tokens)
+        for i, layer in enumerate(joined.cache.layers):
+            layer.join([(state.cache.layers[i], len(state.tokens)) for state in states], width)
+        return joined
 
     def feed(self, model: torch.nn.Module, suffixes: list[list[int]], pad_id: int) -> torch.Tensor:
         """Append each row's new tokens (right-aligned; shorter rows get masked pads first) and return
@@ -288,7 +332,7 @@ class _KVState:
             out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                         cache=self.cache, use_cache=True, logits_to_keep=1)
         except BaseException:
-            self.__init__(len(self.cache.layers))  # a half-updated cache is worthless: start clean
+            self.__init__(self.n_layers)  # a half-updated cache is worthless: start clean
             raise
         for row, suffix in enumerate(suffixes):
             self.tokens[row].extend(suffix)
@@ -356,7 +400,9 @@ class LocalModel:
 
     Decoding is a hand-written loop over one persistent batch KV cache, so consecutive agent steps,
     samples of the same problem and problems of the same task reuse their shared prompt prefix
-    instead of re-encoding it; `generate_batch` decodes several conversations together."""
+    instead of re-encoding it; `generate_batch` decodes several conversations together. On CPU in
+    fp32 the Linear weights are stored transposed for speed (same shapes and values): save a model
+    from its folder, not from `.model`."""
 
     def __init__(self, spec: str | None = None, device: str | None = None, dtype: str = "float32",
                  prefix_cache: bool = True, threads: int | None = None) -> None:
@@ -381,10 +427,12 @@ class LocalModel:
         self._layers = len(layer_types)
         self.prefix_cache = prefix_cache
         self.threads = threads
-        self._chooser = _ThreadChooser(torch.get_num_threads()) if threads is None and self.device == "cpu" else None
+        auto = threads is None and self.device == "cpu"
+        self._choosers = {kind: _ThreadChooser(torch.get_num_threads()) for kind in ("prefill", "decode")} if auto else {}
         self.stats = DecodeStats()
         self.lock = threading.Lock()
         self._state = _KVState(self._layers)  # no rows yet
+        self._parked: list[_KVState] = []  # rows set aside mid-batch once their reply ended, kept for reuse
         eos = {self.tokenizer.eos_token_id}
         im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end >= 0:
@@ -395,7 +443,7 @@ class LocalModel:
     def clear_cache(self) -> None:
         """Forget every cached prefix: the next prompt is encoded from scratch (and the memory freed)."""
         with self.lock:
-            self._state = _KVState(self._layers)
+            self._state, self._parked = _KVState(self._layers), []
 
     # ---- prompt -------------------------------------------------------------------------------
     def encode(self, messages: list[Message]) -> list[int]:
@@ -408,28 +456,41 @@ class LocalModel:
     # ---- decoding -----------------------------------------------------------------------------
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Load `prompts` as the cache's rows, reusing cached prefixes; logits after each prompt."""
-        state = self._state if self.prefix_cache and self._state.tokens else _KVState(self._layers, rows=1)
+        held = [state for state in (self._state, *self._parked) if state.tokens] if self.prefix_cache else []
+        state = _KVState.joined(held) if len(held) > 1 else held[0] if held else _KVState(self._layers, rows=1)
+        self._parked = []
+        encoded = 0
         if len(prompts) > 1:
             # a prefix the whole batch shares (the injected prompt) but the cache lacks: encode it once
             shared = min(min(_common_prefix(prompts[0], p) for p in prompts), min(map(len, prompts)) - 1)
-            row, held = state.match(prompts[0][:shared])
-            if shared - held >= 16:
-                state.keep([row], [held])
-                state.feed(self.model, [prompts[0][held:shared]], self.pad_id)
-                self.stats.encoded_tokens += shared - held
+            row, n = state.match(prompts[0][:shared])
+            if shared - n >= 16:
+                state = state.keep([row], [n])
+                state.feed(self.model, [prompts[0][n:shared]], self.pad_id)
+                encoded += shared - n
         matches = [state.match(p[:-1]) for p in prompts]
-        state.keep([row for row, _ in matches], [n for _, n in matches])
-        self._state = state
+        self._state = state = state.keep([row for row, _ in matches], [n for _, n in matches])
+        encoded += sum(len(p) - n for p, (_, n) in zip(prompts, matches))
         self.stats.prompt_tokens += sum(map(len, prompts))
-        self.stats.encoded_tokens += sum(len(p) - n for p, (_, n) in zip(prompts, matches))
+        self.stats.encoded_tokens += encoded
         return state.feed(self.model, [p[n:] for p, (_, n) in zip(prompts, matches)], self.pad_id)
 
-    def _threads_now(self) -> int:
-        """Threads for the next forward pass (set in torch)."""
-        threads = self._chooser.next() if self._chooser else self.threads
+    def _threads(self, kind: str) -> int:
+        """Set torch's intra-op threads for the next `kind` ('prefill' or 'decode') pass; the count."""
+        chooser = self._choosers.get(kind)
+        threads = chooser.next() if chooser else self.threads
         if threads and threads != torch.get_num_threads():
             torch.set_num_threads(threads)
         return torch.get_num_threads()
+
+    def _timed(self, kind: str, threads: int, run: Callable[[], torch.Tensor], work: Callable[[], int]) -> tuple[torch.Tensor, float]:
+        """Run one forward pass; tell the chooser its time per unit of `work` (tokens encoded, rows)."""
+        began = time.perf_counter()
+        logits = run()
+        seconds = time.perf_counter() - began
+        if kind in self._choosers:
+            self._choosers[kind].record(threads, seconds / max(1, work()))
+        return logits, seconds
 
     def _sample(self, logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> int:
         """One token: greedy at temperature 0, else from the top-p nucleus. The nucleus is looked for
@@ -452,39 +513,53 @@ class LocalModel:
         iterator between steps leaves the cache consistent."""
         began = time.perf_counter()
         rows = [_Row(p, len(ids)) for p, ids in zip(params, prompts)]
+        live = list(range(len(rows)))  # the row each cache row holds
         restore = torch.get_num_threads()
+        encoded = self.stats.encoded_tokens
         try:
-            if self._chooser:
-                torch.set_num_threads(self._chooser.current)
-            elif self.threads:
-                torch.set_num_threads(self.threads)
-            logits = self._prefill(prompts)
-            self.stats.prefill_s += time.perf_counter() - began
+            threads = self._threads("prefill")
+            logits, seconds = self._timed("prefill", threads, lambda: self._prefill(prompts),
+                                          lambda: self.stats.encoded_tokens - encoded)
+            self.stats.prefill_s += seconds
             while True:
-                self._pick(logits, rows, stop_when, began)
+                self._pick(logits, [(i, rows[i]) for i in live], stop_when, began)
                 yield rows
                 if all(row.done for row in rows):
                     return
-                threads = self._threads_now()
-                step = time.perf_counter()
-                logits = self._state.feed(self.model, [[] if r.done else r.generated[-1:] for r in rows], self.pad_id)
-                seconds = time.perf_counter() - step
-                if self._chooser:
-                    self._chooser.record(threads, seconds)
+                running = [j for j, i in enumerate(live) if not rows[i].done]
+                if len(running) <= len(live) // 2:  # half the batch is idle: set those rows aside
+                    live = [live[j] for j in running]
+                    self._set_aside(running)
+                feed = [[] if rows[i].done else rows[i].generated[-1:] for i in live]
+                threads = self._threads("decode")
+                logits, seconds = self._timed("decode", threads, lambda: self._state.feed(self.model, feed, self.pad_id),
+                                              lambda: 1)
                 self.stats.decode_steps += 1
                 self.stats.decode_s += seconds
         finally:
             torch.set_num_threads(restore)
 
-    def _pick(self, logits: torch.Tensor, rows: list[_Row], stop_when: Callable[[int, str], bool] | None,
-              began: float) -> None:
-        """Sample each running row's next token and apply its stop rules."""
+    def _set_aside(self, running: list[int]) -> None:
+        """Keep decoding only the cache rows `running`; park the others (their prefixes stay reusable).
+        A smaller batch makes every remaining step cheaper."""
+        state, lengths = self._state, [len(tokens) for tokens in self._state.tokens]
+        idle = [j for j in range(len(lengths)) if j not in running]
+        self._parked.append(state.rows(idle, [lengths[j] for j in idle]))
+        self._state = state.rows(running, [lengths[j] for j in running])
+
+    def _pick(self, logits: torch.Tensor, rows: list[tuple[int, _Row]],
+              stop_when: Callable[[int, str], bool] | None, began: float) -> None:
+        """Sample each running row's next token (logits row j belongs to rows[j]) and apply its stop
+        rules; stop_when gets the row's index in the request."""
         greedy = logits.argmax(-1).tolist()
-        for i, row in enumerate(rows):
+        for j, (i, row) in enumerate(rows):
             row.delta = ""
             if row.done:
                 continue
-            token = greedy[i] if row.params.temperature <= 0 else self._sample(logits[i], row.params, row.generator)
+            if row.params.max_new_tokens <= 0:
+                row.stop_reason = "length"
+                continue
+            token = greedy[j] if row.params.temperature <= 0 else self._sample(logits[j], row.params, row.generator)
             if token in self.stop_ids:
                 row.stop_reason = "eos"
             else:

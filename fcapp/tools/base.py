@@ -10,6 +10,7 @@ import concurrent.futures
 import inspect
 import json
 import re
+import threading
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -75,17 +76,26 @@ class Tool:
     def call(self, arguments: Any) -> str:
         """Validate, run with a time limit, and return the result as text. Raises ToolError."""
         args = self.validate(arguments)
-        pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tool-{self.name}")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+
+        def run() -> None:
+            try:
+                future.set_result(self.fn(**args))
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+                future.set_exception(exc)
+
+        # A daemon thread, not an executor's: a call past its limit cannot be killed and runs on
+        # (sympy can take minutes on some equations), but it must not hold up the process's exit,
+        # as executor threads do (they are joined at exit).
+        threading.Thread(target=run, name=f"tool-{self.name}", daemon=True).start()
         try:
-            result = pool.submit(self.fn, **args).result(timeout=self.timeout_s)
+            result = future.result(timeout=self.timeout_s)
         except concurrent.futures.TimeoutError:
             raise ToolError(f"{self.name} took longer than {self.timeout_s:g} s and was stopped") from None
         except ToolError:
             raise
         except (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError) as exc:
             raise ToolError(f"{self.name} failed: {str(exc) or type(exc).__name__}") from None  # some have no message
-        finally:
-            pool.shutdown(wait=False, cancel_futures=True)
         text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
         if len(text) > MAX_RESULT_CHARS:
             text = text[:MAX_RESULT_CHARS] + " ...[truncated]"

@@ -192,7 +192,9 @@ def define_user_tool(
         lines = source.splitlines()
         text = (exc.text or (lines[exc.lineno - 1] if exc.lineno and exc.lineno <= len(lines) else "")).strip()
         code = f": `{text}`" if text else ""
-        raise SchemaError(f"syntax error on line {exc.lineno}: {exc.msg}{code}") from None
+        line = exc.lineno or (source[:source.find("\x00")].count("\n") + 1 if "\x00" in source else None)
+        where = f" on line {line}" if line else ""  # a NUL byte comes without a line number
+        raise SchemaError(f"syntax error{where}: {exc.msg}{code}") from None
     except (ValueError, RecursionError, MemoryError) as exc:  # null bytes, absurd nesting
         raise SchemaError(f"the source cannot be parsed: {exc}") from None
     node = _pick_function(tree, name)
