@@ -2,7 +2,8 @@
 write it to benchmarks/results.md.
 
 Each ratio compares two things measured in this run on this machine. A shared CPU is noisy, so every
-timing is the best of a few tries. About 5 minutes on the 2-core box.
+timing is the best of two tries, taken in turns with what it is compared to. 5-8 minutes on the
+2-core box, depending on what else runs on it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import transformers
@@ -33,8 +34,9 @@ from fcapp.tasks.base import Problem, Task
 RESULTS = Path(__file__).with_name("results.md")
 PROBLEM = "gsm8k-5"  # greedy SmolLM2 goes on to the 5-step limit on it
 CHAIN = SolveConfig(max_steps=5, max_new_tokens=48)
-SAMPLES = [SolveConfig(5, 0.8, 0.95, 48, seed=k) for k in range(8)]
+SAMPLES = [SolveConfig(4, 0.8, 0.95, 48, seed=k) for k in range(8)]
 DECODE = 48  # tokens per decode-rate measurement
+T = TypeVar("T")
 
 
 @dataclass
@@ -118,23 +120,19 @@ def bare_decode(model: LocalModel, ids: list[int], n: int, mode: Callable = torc
         return middle - began, time.perf_counter() - middle
 
 
-def decode_rate(model: LocalModel, ids: list[int], mode: Callable = torch.inference_mode) -> float:
-    """Tokens/s of one sequence decoding after `ids`."""
-    def run() -> float:
-        model.clear_cache()
-        return bare_decode(model, ids, DECODE + 1, mode)[1]
-    return DECODE / best_of(2, run)
+def decode_seconds(model: LocalModel, ids: list[int], mode: Callable = torch.inference_mode) -> float:
+    """Seconds for one sequence to decode DECODE tokens after `ids` (cold cache)."""
+    model.clear_cache()
+    return bare_decode(model, ids, DECODE + 1, mode)[1]
 
 
-def prefill_time(model: LocalModel, ids: list[int]) -> float:
-    def run() -> float:
-        model.clear_cache()
-        return bare_decode(model, ids, 1)[0]
-    return best_of(2, run)
+def prefill_seconds(model: LocalModel, ids: list[int]) -> float:
+    model.clear_cache()
+    return bare_decode(model, ids, 1)[0]
 
 
-def batch_step(model: LocalModel, ids: list[int], rows: int) -> float:
-    """Seconds of one decode step of `rows` sequences after `ids`."""
+def batch_step(model: LocalModel, ids: list[int], rows: int = 8) -> float:
+    """Seconds of one decode step of `rows` sequences after `ids` (the best of 6 steps)."""
     model.clear_cache()
     with torch.inference_mode():
         logits = model._prefill([ids] * rows)
@@ -166,7 +164,7 @@ def plain_generate_rate(ids: list[int]) -> float:
         plain.generate(torch.tensor([ids]), max_new_tokens=DECODE + 1, min_new_tokens=DECODE + 1, do_sample=False,
                        pad_token_id=plain.config.eos_token_id, stopping_criteria=StoppingCriteriaList([clock]))
         return clock.times[-1] - clock.times[0]
-    return DECODE / best_of(2, run)
+    return DECODE / best_of(3, run)
 
 
 @contextlib.contextmanager
@@ -181,6 +179,11 @@ def plain_layout(model: LocalModel) -> Iterator[None]:
         _lay_out_for_decode(model.model)
 
 
+def with_plain_layout(model: LocalModel, run: Callable[[], float]) -> float:
+    with plain_layout(model):
+        return run()
+
+
 # ---- chains ------------------------------------------------------------------------------------------
 def record(chain: Chain) -> list:
     return [(s.text, s.result, s.error) for s in chain.steps] + [chain.answer]
@@ -191,7 +194,7 @@ def first_prompt(task: Task, problem: Problem) -> list[Message]:
     return start_chain(task, problem, "bench", CHAIN)[1].messages()
 
 
-def run_chain(model: LocalModel, task: Task, problem: Problem, prefix_cache: bool) -> tuple[float, float, Chain]:
+def run_chain(model: LocalModel, task: Task, problem: Problem, prefix_cache: bool = True) -> tuple[float, float, Chain]:
     """(seconds, decode tokens/s of the model inside the loop, chain) of solving from a cold cache."""
     model.clear_cache()
     model.prefix_cache = prefix_cache
@@ -211,6 +214,21 @@ def raw_replay(model: LocalModel, chain: Chain) -> float:
              for i, s in enumerate(chain.steps)]
     model.clear_cache()
     return sum(sum(bare_decode(model, ids, max(n, 1))) for ids, n in steps)
+
+
+def paired(first: Callable[[], T], second: Callable[[], T], rounds: int = 2,
+           key: Callable[[T], float] | None = None) -> tuple[T, T]:
+    """The best (smallest `key`) result of each of two measurements, taken in turns so that both see
+    the same moments of a noisy machine."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(first())
+        b.append(second())
+    return min(a, key=key), min(b, key=key)  # type: ignore[type-var]
+
+
+def seconds_of(result: tuple) -> float:
+    return result[0]
 
 
 # ---- the run -----------------------------------------------------------------------------------------
@@ -237,33 +255,37 @@ def run() -> tuple[dict[str, str], list[Row]]:
 
     log("threads")
     most = torch.get_num_threads()
-    one = {t: with_threads(t, lambda: 1 / decode_rate(model, ids)) for t in (1, most)}
-    eight = {t: with_threads(t, lambda: batch_step(model, ids, 8)) for t in (1, most)}
-    prefill = {t: with_threads(t, lambda: prefill_time(model, ids)) for t in (1, most)}
+
+    def by_threads(measure: Callable[[], float]) -> dict[int, float]:
+        """{threads: best seconds} of `measure` with all cores and with one, taken in turns."""
+        many, single = paired(lambda: with_threads(most, measure), lambda: with_threads(1, measure))
+        return {most: many, 1: single}
+    one = by_threads(lambda: decode_seconds(model, ids) / DECODE)
+    step = by_threads(lambda: batch_step(model, ids))
+    prefill = by_threads(lambda: prefill_seconds(model, ids))
     threads = min(one, key=one.get)
     model.threads = threads
-    for name, times, unit in (("decode step, 1 sequence", one, "ms"), ("decode step, 8 sequences", eight, "ms"),
+    for name, times, unit in (("decode step, 1 sequence", one, "ms"), ("decode step, 8 sequences", step, "ms"),
                               (f"prefill of {len(ids)} tokens", prefill, "s")):
         scale = 1e3 if unit == "ms" else 1
         rows.append(Row(f"threads: {name}, {most} vs 1", f"{times[most] * scale:.3g} vs {times[1] * scale:.3g} {unit}",
                         f"{times[1] / times[most]:.2f}x"))
-    rows.append(Row("decode throughput: 8 sequences in a batch vs 1", f"{eight[threads] * 1e3:.0f} ms/step for 8 vs "
-                    f"{one[threads] * 1e3:.0f} ms for 1 ({threads} thread(s))", f"{8 * one[threads] / eight[threads]:.2f}x"))
+    rows.append(Row("decode throughput: 8 sequences in a batch vs 1", f"{step[threads] * 1e3:.0f} ms/step for 8 vs "
+                    f"{one[threads] * 1e3:.0f} ms for 1 ({threads} thread(s))", f"{8 * one[threads] / step[threads]:.2f}x"))
 
     with threads_set(threads):
         log("decode rates")
-        ours = decode_rate(model, ids)
-        with plain_layout(model):
-            plain_layout_rate = decode_rate(model, ids)
-        no_grad = decode_rate(model, ids, torch.no_grad)
-        plain = plain_generate_rate(ids)
+        ours, plain_rows = paired(lambda: decode_seconds(model, ids), lambda: with_plain_layout(model, lambda: decode_seconds(model, ids)))
         rows.append(Row("weights laid out [in, out] vs [out, in] (fp32 decode)",
-                        f"{ours:.1f} vs {plain_layout_rate:.1f} tok/s", f"{ours / plain_layout_rate:.2f}x"))
-        rows.append(Row("inference_mode vs no_grad (decode)", f"{ours:.1f} vs {no_grad:.1f} tok/s", f"{ours / no_grad:.2f}x"))
+                        f"{DECODE / ours:.1f} vs {DECODE / plain_rows:.1f} tok/s", f"{plain_rows / ours:.2f}x"))
+        inference, no_grad = paired(lambda: decode_seconds(model, ids), lambda: decode_seconds(model, ids, torch.no_grad))
+        rows.append(Row("inference_mode vs no_grad (decode)", f"{DECODE / inference:.1f} vs {DECODE / no_grad:.1f} tok/s",
+                        f"{no_grad / inference:.2f}x"))
+        plain = plain_generate_rate(ids)
 
         log("5-step chain: prefix cache on vs off")
-        off = min((run_chain(model, task, problem, False) for _ in range(2)), key=lambda r: r[0])
-        on = min((run_chain(model, task, problem, True) for _ in range(2)), key=lambda r: r[0])
+        on, off = paired(lambda: run_chain(model, task, problem, True), lambda: run_chain(model, task, problem, False),
+                         key=seconds_of)
         chain = on[2]
         same = record(on[2]) == record(off[2])
         rows.append(Row(f"{len(chain.steps)}-step chain: prefix reuse vs re-encoding each step",
@@ -271,11 +293,11 @@ def run() -> tuple[dict[str, str], list[Row]]:
                         f"{off[0] / on[0]:.2f}x", ">= 1.5x", off[0] / on[0] >= 1.5 and same))
 
         log("agent loop vs the bare loop")
-        raw = best_of(2, lambda: raw_replay(model, chain))
-        overhead = on[0] / raw - 1
-        rows.append(Row("agent loop vs raw decode of the same tokens", f"{on[0]:.2f} s vs {raw:.2f} s",
+        agent, raw = paired(lambda: run_chain(model, task, problem)[:2], lambda: (raw_replay(model, chain), 0.0))
+        overhead = agent[0] / raw[0] - 1
+        rows.append(Row("agent loop vs raw decode of the same tokens", f"{agent[0]:.2f} s vs {raw[0]:.2f} s",
                         f"{overhead * 100:+.1f}%", "<= +10%", overhead <= 0.10))
-        loop_rate = on[1]
+        loop_rate = max(on[1], agent[1])
         bound = bandwidth / weights
         rows.append(Row("decode in the agent loop vs plain model.generate", f"{loop_rate:.1f} vs {plain:.1f} tok/s",
                         f"{loop_rate / plain:.2f}x"))
@@ -287,33 +309,39 @@ def run() -> tuple[dict[str, str], list[Row]]:
 
         log("threads chosen by measurement")
         adaptive = LocalModel()  # threads=None: the default
-        chosen = best_of(2, lambda: run_chain(adaptive, task, problem, True)[0])
+        chosen, fixed = paired(lambda: run_chain(adaptive, task, problem), lambda: run_chain(model, task, problem),
+                               key=seconds_of)
         rows.append(Row(f"chain with threads chosen by measurement vs fixed at the best ({threads})",
-                        f"{chosen:.2f} s vs {on[0]:.2f} s", f"{chosen / on[0] - 1:+.1%}"))
+                        f"{chosen[0]:.2f} s vs {fixed[0]:.2f} s", f"{chosen[0] / fixed[0] - 1:+.1%}"))
         del adaptive
 
         log("bf16")
-        rows += bf16_rows(model, ids, chain, ours, eight[threads], prefill[threads], bandwidth, task, problem)
+        rows += bf16_rows(model, ids, chain, bandwidth, task, problem)
 
         log("8 samples: batched vs one after another")
-        model.clear_cache()
-        sequential = timed(lambda: [solve(task, problem, model, c) for c in SAMPLES])
-        model.clear_cache()
-        batched = timed(lambda: solve_batch(task, [(problem, c) for c in SAMPLES], model, 8))
+        def sequential() -> float:
+            model.clear_cache()
+            return timed(lambda: [solve(task, problem, model, c) for c in SAMPLES])
+
+        def batched() -> float:
+            model.clear_cache()
+            return timed(lambda: solve_batch(task, [(problem, c) for c in SAMPLES], model, 8))
+        one_by_one, together = paired(sequential, batched)
         rows.append(Row("8 samples batched vs one after another",
-                        f"{60 * 8 / batched:.1f} vs {60 * 8 / sequential:.1f} chains/min",
-                        f"{sequential / batched:.2f}x", ">= 3x", sequential / batched >= 3))
+                        f"{60 * 8 / together:.1f} vs {60 * 8 / one_by_one:.1f} chains/min",
+                        f"{one_by_one / together:.2f}x", ">= 3x", one_by_one / together >= 3))
 
     info["threads used"] = str(threads)
     info["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return info, rows
 
 
-def bf16_rows(model: LocalModel, ids: list[int], chain: Chain, fp32_rate: float, fp32_step8: float,
-              fp32_prefill: float, bandwidth: float, task: Task, problem: Problem) -> list[Row]:
-    """bf16 against fp32: speed of each kind of pass, and how often it picks the same next token."""
+def bf16_rows(model: LocalModel, ids: list[int], chain: Chain, bandwidth: float, task: Task, problem: Problem) -> list[Row]:
+    """bf16 against fp32: the speed of each kind of pass, and how often it picks the same next token."""
     half = LocalModel(dtype="bfloat16", threads=torch.get_num_threads())
-    rate, step8, prefill = decode_rate(half, ids), batch_step(half, ids, 8), prefill_time(half, ids)
+    decode = paired(lambda: decode_seconds(model, ids), lambda: decode_seconds(half, ids))
+    step = paired(lambda: batch_step(model, ids), lambda: batch_step(half, ids))
+    prefill = paired(lambda: prefill_seconds(model, ids), lambda: prefill_seconds(half, ids))
     bound = bandwidth / sum(p.numel() * p.element_size() for p in half.model.parameters())
     same_chain = record(solve(task, problem, half, CHAIN)) == record(chain)
     with torch.inference_mode():
@@ -321,10 +349,11 @@ def bf16_rows(model: LocalModel, ids: list[int], chain: Chain, fp32_rate: float,
         agree = float((model.model(tokens).logits[0].argmax(-1) == half.model(tokens).logits[0].argmax(-1)).float().mean())
     accuracy = f"next-token agreement with fp32 {agree * 100:.1f}%, same greedy chain: {'yes' if same_chain else 'no'}"
     return [
-        Row("bf16 vs fp32: decode 1 sequence", f"{rate:.1f} vs {fp32_rate:.1f} tok/s ({rate / bound * 100:.0f}% of the "
-            f"bf16 bound); {accuracy}", f"{rate / fp32_rate:.2f}x"),
-        Row("bf16 vs fp32: decode step, 8 sequences", f"{step8 * 1e3:.0f} vs {fp32_step8 * 1e3:.0f} ms", f"{fp32_step8 / step8:.2f}x"),
-        Row(f"bf16 vs fp32: prefill of {len(ids)} tokens", f"{prefill:.2f} vs {fp32_prefill:.2f} s", f"{fp32_prefill / prefill:.2f}x"),
+        Row("bf16 vs fp32: decode 1 sequence", f"{DECODE / decode[1]:.1f} vs {DECODE / decode[0]:.1f} tok/s "
+            f"({DECODE / decode[1] / bound * 100:.0f}% of the bf16 bound); {accuracy}", f"{decode[0] / decode[1]:.2f}x"),
+        Row("bf16 vs fp32: decode step, 8 sequences", f"{step[1] * 1e3:.0f} vs {step[0] * 1e3:.0f} ms", f"{step[0] / step[1]:.2f}x"),
+        Row(f"bf16 vs fp32: prefill of {len(ids)} tokens", f"{prefill[1]:.2f} vs {prefill[0]:.2f} s",
+            f"{prefill[0] / prefill[1]:.2f}x"),
     ]
 
 

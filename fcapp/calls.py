@@ -104,10 +104,10 @@ def _scan_call_end(text: str, open_paren: int, stop: int) -> int | None:
 def _parse_python_call(text: str, start: int, open_paren: int) -> ParsedCall | None:
     end = _scan_call_end(text, open_paren, start + MAX_CALL_CHARS)
     if end is None:
-        if len(text) <= start + MAX_CALL_CHARS:
+        if len(text) < start + MAX_CALL_CHARS:
             return None  # not closed yet (still streaming) or never closed
         # Not closed within the limit: too long whatever follows (and scanning on would make
-        # text with thousands of open calls quadratic). The error ends the reply here.
+        # text with thousands of open calls quadratic). The error ends the reply there.
         raise CallParseError(f"the call is too long (over {MAX_CALL_CHARS} characters)", start + MAX_CALL_CHARS)
     source = text[start:end]
     try:

@@ -38,7 +38,7 @@ from fcapp.tools.base import CALL_TIMEOUT_S, MAX_RESULT_CHARS, Tool, ToolError
 from fcapp.tools.logic import logic_toolkit
 from fcapp.tools.math import math_toolkit
 
-SLOW_FACTOR = 25
+SLOW_FACTOR = 20
 GENEROUS_S = 60.0  # slack on top of a tool's own time limit: the machine may be very busy
 
 # ---- what an executed payload would leave behind ----------------------------------------------
@@ -111,9 +111,10 @@ _ESCAPE_ATTRIBUTES = {"__globals__", "__builtins__", "f_globals", "f_builtins", 
                       "gi_frame", "cr_frame", "ag_frame", "__subclasses__"}
 
 
-def _audit(event: str, args: tuple[Any, ...]) -> None:
-    """Process-wide audit hook (tool threads included); records forbidden events while armed."""
-    if not _ARMED.is_set():
+def _audit(event: str, args: tuple[Any, ...], _armed: threading.Event = _ARMED) -> None:
+    """Process-wide audit hook (tool threads included); records forbidden events while armed.
+    (`_armed` is bound at definition: at interpreter exit module globals are already None.)"""
+    if not _armed.is_set():
         return
     if event == "object.__getattr__" and args[1] not in _ESCAPE_ATTRIBUTES:
         return  # e.g. inspect.signature reading __code__ (sympy's dispatch), a line tracer reading f_code
@@ -421,6 +422,19 @@ def test_huge_replies_are_parsed_in_bounded_time() -> None:
         step = MATH_AGENT.execute(text)
         assert step.error and step.call is None
         assert time.monotonic() - began < GENEROUS_S
+
+
+def test_a_call_still_open_past_the_length_limit_ends_the_reply_with_a_clear_error() -> None:
+    """Streaming stops where an unclosed call passes MAX_CALL_CHARS, and the step says why."""
+    from fcapp.calls import MAX_CALL_CHARS
+
+    text = 'Sure. calculator(expression="' + "1+" * 5_000
+    assert call_end(text[:100], TOOL_NAMES) is None  # still being written: generation goes on
+    assert call_end(text, TOOL_NAMES) == len("Sure. ") + MAX_CALL_CHARS
+    chain = MATH_AGENT.start("fuzz", "p", "question?", "fuzzer")
+    MATH_AGENT.advance(chain, text)
+    assert chain.steps[0].text == text[:len("Sure. ") + MAX_CALL_CHARS]
+    assert chain.steps[0].error.startswith("the call is too long")
 
 
 def test_a_call_after_long_prose_is_still_found() -> None:

@@ -180,8 +180,8 @@ class _GrowingLayer(DynamicLayer):
         if self._k is None:
             self._store(key_states, value_states, room=256)
             return self.keys, self.values
-        if end > self._k.shape[-2]:
-            self._store(self.keys, self.values, room=max(256, self.length))
+        if end > self._k.shape[-2]:  # grow: room for the incoming states plus as much again
+            self._store(self.keys, self.values, room=max(256, self.length) + key_states.shape[-2])
         self._k[:, :, self.length:end] = key_states
         self._v[:, :, self.length:end] = value_states
         self.length = end
