@@ -303,9 +303,9 @@ def run() -> tuple[dict[str, str], list[Row]]:
                         f"{loop_rate / plain:.2f}x"))
         rows.append(Row("decode in the agent loop vs memory-bandwidth bound",
                         f"{loop_rate:.1f} vs {bound:.1f} tok/s ({bandwidth / 1e9:.1f} GB/s / {weights / 1e6:.0f} MB)",
-                        f"{loop_rate / bound * 100:.0f}%", ">= 50%", loop_rate / bound >= 0.5))
+                        f"{loop_rate / bound * 100:.1f}%", ">= 50%", loop_rate / bound >= 0.5))
         rows.append(Row("plain model.generate vs memory-bandwidth bound", f"{plain:.1f} vs {bound:.1f} tok/s",
-                        f"{plain / bound * 100:.0f}%"))
+                        f"{plain / bound * 100:.1f}%"))
 
         log("threads chosen by measurement")
         adaptive = LocalModel()  # threads=None: the default
@@ -359,7 +359,8 @@ def bf16_rows(model: LocalModel, ids: list[int], chain: Chain, bandwidth: float,
 
 def render(info: dict[str, str], rows: list[Row]) -> str:
     lines = ["# Benchmark results", "", "Produced by `python -m benchmarks`; benchmarks/README.md says what each row "
-             "measures and what was adopted.", ""]
+             "measures and what was adopted. On a shared machine the absolute numbers move with its load (below); "
+             "each ratio compares two measurements taken in turns.", ""]
     lines += [f"- {key}: {value}" for key, value in info.items()]
     lines += ["", "| benchmark | measured | ratio | target | met |", "|---|---|---|---|---|"]
     for row in rows:

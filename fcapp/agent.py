@@ -11,7 +11,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
-from fcapp.calls import CallParseError, ParsedCall, call_end, parse_call
+from fcapp.calls import CallParseError, ParsedCall, call_end, parse_call, scrub_surrogates
 from fcapp.models.base import ChatModel, Message, SamplingParams
 from fcapp.tools.base import Registry, Tool, ToolError, tool_from_function
 
@@ -210,6 +210,9 @@ class Agent:
 
     def execute(self, text: str) -> Step:
         """Parse one reply, validate and run its call, and return the Step (never raises)."""
+        # a JSON "\ud800" escape from an HTTP model decodes to a lone surrogate, which UTF-8 (and so
+        # the store) cannot hold
+        text = scrub_surrogates(text)
         step = Step(index=0, text=text)
         try:
             parsed = parse_call(text, self.tools.names())

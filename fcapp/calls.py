@@ -24,6 +24,8 @@ MAX_CANDIDATES = 100
 # Lists / objects inside arguments nest at most this deep (JSON allows ~1000 levels, which chains
 # then cannot be copied or stored with: dataclasses.asdict recurses).
 MAX_NESTING = 20
+# Lone UTF-16 surrogates, as "\ud800" escapes decode: UTF-8 (and so the store) cannot hold them.
+_SURROGATE = re.compile("[\ud800-\udfff]")
 _NAME_CALL = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]{0,63})\s*\(")
 _TAG = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 
@@ -74,6 +76,23 @@ def _too_deep(value: Any) -> bool:
                 return True
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
     return False
+
+
+def scrub_surrogates(text: str) -> str:
+    """`text` with U+FFFD in place of each lone surrogate (same length, so positions still hold)."""
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _clean(value: Any) -> Any:
+    """`value` with U+FFFD for every lone surrogate in its strings (keys included). Call only on
+    values already checked by _too_deep: it recurses."""
+    if isinstance(value, str):
+        return scrub_surrogates(value)
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    if isinstance(value, dict):
+        return {_clean(k): _clean(v) for k, v in value.items()}
+    return value
 
 
 def _scan_call_end(text: str, open_paren: int, stop: int) -> int | None:
@@ -131,7 +150,7 @@ def _parse_python_call(text: str, start: int, open_paren: int) -> ParsedCall | N
         raise CallParseError("the call's arguments are nested too deeply", end) from None
     if _too_deep([positional, arguments]):
         raise CallParseError("the call's arguments are nested too deeply", end)
-    return ParsedCall(call.func.id, arguments, positional, end)
+    return ParsedCall(call.func.id, _clean(arguments), _clean(positional), end)
 
 
 def _parse_json_call(text: str, start: int) -> ParsedCall | None:
@@ -145,17 +164,18 @@ def _parse_json_call(text: str, start: int) -> ParsedCall | None:
         obj = obj[0]
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None
+    name = _clean(obj["name"])
     arguments = next((obj[k] for k in ("arguments", "parameters", "args") if k in obj), {})
     if isinstance(arguments, str):  # OpenAI sends arguments as a JSON string
         try:
             arguments = json.loads(arguments)
         except (ValueError, RecursionError):
-            raise CallParseError(f"the arguments of {obj['name']} are not valid JSON", end) from None
+            raise CallParseError(f"the arguments of {name} are not valid JSON", end) from None
     if not isinstance(arguments, dict):
-        raise CallParseError(f"the arguments of {obj['name']} must be an object of named values", end)
+        raise CallParseError(f"the arguments of {name} must be an object of named values", end)
     if _too_deep(arguments):
-        raise CallParseError(f"the arguments of {obj['name']} are nested too deeply", end)
-    return ParsedCall(obj["name"], arguments, [], end)
+        raise CallParseError(f"the arguments of {name} are nested too deeply", end)
+    return ParsedCall(name, _clean(arguments), [], end)
 
 
 def parse_call(text: str, known_names: list[str] | None = None) -> ParsedCall:

@@ -42,7 +42,7 @@ SLOW_FACTOR = 20
 GENEROUS_S = 60.0  # slack on top of a tool's own time limit: the machine may be very busy
 
 # ---- what an executed payload would leave behind ----------------------------------------------
-SENTINEL = Path(tempfile.gettempdir()) / f"fcapp-fuzz-pwned-{os.getpid()}"
+SENTINEL = Path(tempfile.gettempdir()) / "fcapp-fuzz-pwned"  # a fixed name keeps test ids stable
 _S = str(SENTINEL)
 MALICIOUS = [
     f"__import__('os').system('touch {_S}')",
@@ -91,7 +91,8 @@ MATH_AGENT = Agent(math_toolkit())
 LOGIC_AGENT = Agent(logic_toolkit(PREMISES, timeout_ms=300))
 AGENTS = {"math": MATH_AGENT, "logic": LOGIC_AGENT}
 TOOL_NAMES = sorted({t.name for agent in AGENTS.values() for t in agent.tools})
-ARG_NAMES = sorted({arg for agent in AGENTS.values() for t in agent.tools for arg in t.parameters["properties"]})
+PARAMS = {t.name: list(t.parameters["properties"]) for agent in AGENTS.values() for t in agent.tools}
+ARG_NAMES = sorted({arg for names in PARAMS.values() for arg in names})
 NAMES = TOOL_NAMES + ["Calculator", "SOLVE_EQUATION", "final_Answer", "finalanswer", "unknown_tool", "eval", "exec",
                       "__import__", "open", "print", "getattr", "x"]
 FRAGMENTS = MALICIOUS + UNICODE + SYNTAX + [f"{n}(" for n in NAMES] + ARG_NAMES + ["12", "3.5", "-7", "1,000", "15%"]
@@ -151,6 +152,8 @@ def assert_plain(value: Any, depth: int = 0) -> None:
             assert_plain(item, depth + 1)
     else:
         assert value is None or type(value) in (str, int, float, bool), f"not plain data: {type(value)}"
+    for text in ([value] if isinstance(value, str) else list(value) if isinstance(value, dict) else []):
+        text.encode("utf-8")  # storable: no lone surrogates
 
 
 # ---- example counts ---------------------------------------------------------------------------
@@ -160,7 +163,9 @@ OUTCOMES: Counter[tuple[str, str]] = Counter()  # (tool or "agent", "result" | "
 
 @pytest.fixture(scope="module", autouse=True)
 def report_counts(request: pytest.FixtureRequest) -> Iterator[None]:
-    """At the end of the module, print how many examples each property was tried on."""
+    """Start without a sentinel; at the end of the module, print how many examples each property
+    was tried on and how far they got."""
+    SENTINEL.unlink(missing_ok=True)
     yield
     mode = "--slow" if request.config.getoption("--slow") else "default"
     lines = [f"  {name}: {n}" for name, n in sorted(COUNTS.items())]
@@ -245,13 +250,17 @@ raw_arguments = st.sampled_from(MALICIOUS + ["x", "1+1", "f(x)", "a.b", "**{}", 
 
 @st.composite
 def python_calls(draw: st.DrawFn) -> str:
-    """`name(arg=<literal>, ...)`: near-valid calls in the syntax the prompt teaches."""
+    """`name(arg=<literal>, ...)`: near-valid calls in the syntax the prompt teaches (mostly the
+    tool's own argument names, with formulas the tools can work on among the values)."""
     name = draw(st.sampled_from(NAMES))
+    own = PARAMS.get(name) or ARG_NAMES
     parts = []
     for _ in range(draw(st.integers(0, 3))):
-        value = draw(st.one_of(literals.map(repr), raw_arguments))
+        value = draw(st.one_of(literals.map(repr), raw_arguments, well_formed.map(repr), formulas.map(repr)))
         if draw(st.integers(0, 3)):
-            parts.append(f"{draw(st.sampled_from(ARG_NAMES + ['__class__', 'self', 'x']))}={value}")
+            arg = draw(st.sampled_from(own)) if draw(st.integers(0, 3)) else draw(st.sampled_from(
+                ARG_NAMES + ["__class__", "self", "x"]))
+            parts.append(f"{arg}={value}")
         else:
             parts.append(value)
     prefix = draw(st.sampled_from(["", "Let me compute. ", "<tool_call>", "```python\n", "Step 1 (a+b): ", "[", "{"]))
@@ -270,8 +279,11 @@ json_values = st.recursive(
 def json_calls(draw: st.DrawFn) -> str:
     """JSON objects {"name", "arguments"} with random argument values, in the wrappers models use."""
     name = draw(st.one_of(st.sampled_from(NAMES), st.text(max_size=8), json_values))
+    own = PARAMS.get(name) if isinstance(name, str) else None
+    values = st.one_of(json_values, well_formed, formulas)
     arguments = draw(st.one_of(
-        st.dictionaries(st.one_of(st.sampled_from(ARG_NAMES), st.text(max_size=6)), json_values, max_size=3),
+        st.dictionaries(st.sampled_from(own or ARG_NAMES), values, max_size=3),
+        st.dictionaries(st.one_of(st.sampled_from(ARG_NAMES), st.text(max_size=6)), values, max_size=3),
         json_values))
     key = draw(st.sampled_from(["arguments", "parameters", "args", "argument"]))
     if draw(st.booleans()):
@@ -367,7 +379,7 @@ def run_agent(agent: Agent, text: str) -> None:
     assert len(chain.steps) == 1 and events
     assert {e.kind for e in events} <= {"call", "error", "result", "answer"}
     check_step(agent, chain.steps[0])
-    json.dumps(chain.to_dict(), ensure_ascii=False)  # what the store writes: any step can be stored
+    json.dumps(chain.to_dict(), ensure_ascii=False).encode("utf-8")  # what the store writes: any step can be stored
     if chain.steps[0].error is None and chain.steps[0].call.name == FINAL_ANSWER:
         assert chain.stop_reason == "answer"
 
@@ -664,10 +676,11 @@ def test_a_runaway_tool_thread_does_not_keep_the_process_alive(tmp_path: Path) -
 # ---- files a model's text ends up in ---------------------------------------------------------
 def test_exported_pairs_read_back_exactly_whatever_the_text(fuzz, tmp_path: Path) -> None:
     """Chain text with any unicode (U+2028, U+0085, NUL, RTL marks ...) survives export + import
-    (before the fix, a line separator inside a message split the JSONL line in two)."""
+    (before the fix, a line separator inside a message split the JSONL line in two). Lone
+    surrogates never reach a chain: the agent replaces them (see the next test)."""
     from fcapp.pairs import export_pairs, load_pair_file
 
-    safe_char = st.one_of(st.characters(), st.sampled_from(["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\r",
+    safe_char = st.one_of(st.characters(exclude_categories=["Cs"]), st.sampled_from(["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\r",
                                                              "\n", "\x00", "\u202e", "\ufeff"]))
     message = st.builds(lambda role, content: {"role": role, "content": content},
                         st.sampled_from(["user", "assistant", "tool"]), st.text(alphabet=safe_char, max_size=60))
@@ -683,6 +696,15 @@ def test_exported_pairs_read_back_exactly_whatever_the_text(fuzz, tmp_path: Path
         assert load_pair_file(path) == rows
 
     run()
+
+
+def test_lone_surrogates_in_a_reply_become_replacement_characters() -> None:
+    """A JSON "\\ud800" escape from an HTTP model decodes to a lone surrogate, which UTF-8 (and so
+    SQLite) cannot hold: the step keeps U+FFFD in its place, and the chain can be stored."""
+    chain = MATH_AGENT.start("fuzz", "p", "question?", "fuzzer")
+    MATH_AGENT.advance(chain, 'final_answer(answer="4\ud800\udfff")')
+    assert chain.answer == "4\ufffd\ufffd" and chain.steps[0].text == 'final_answer(answer="4\ufffd\ufffd")'
+    json.dumps(chain.to_dict(), ensure_ascii=False).encode("utf-8")
 
 
 def test_problem_files_load_or_fail_naming_file_and_line(fuzz, tmp_path: Path) -> None:

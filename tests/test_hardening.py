@@ -265,6 +265,7 @@ FOLIO_OK = json.dumps({"premises-FOL": ["Cat(tom)", "∀x (Cat(x) → Furry(x))"
     ("[" * 5_000 + "]" * 5_000, "nested too deeply"),
     ('{"question": ' + "9" * 5_000 + "}", "not valid JSON"),
     ("{}", "missing field"),
+    ('{"question": "why \\ud800?", "answer": "#### 1"}', "lone UTF-16 surrogate"),
 ])
 def test_a_malformed_problem_file_names_the_file_and_line(tmp_path: Path, task_name: str, good: str, bad: str,
                                                           message: str) -> None:
@@ -297,6 +298,7 @@ def _pair_row(n: int) -> dict[str, Any]:
     (json.dumps({"chosen": [], "rejected": []}), "'prompt' must be a list"),
     ("[" * 5_000 + "]" * 5_000, "nested too deeply"),
     (json.dumps(_pair_row(9)).replace('"q9"', "1" + "0" * 5_000), "not valid JSON"),
+    (json.dumps(_pair_row(9)).replace('"q9"', '"q\\udfff"'), "lone UTF-16 surrogate"),  # SQLite could not store it
 ])
 def test_a_broken_preference_file_names_the_line_and_leaves_the_store_unchanged(tmp_path: Path, bad: str,
                                                                                 message: str) -> None:

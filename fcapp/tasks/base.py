@@ -92,6 +92,15 @@ class Task(ABC):
         return problems
 
 
+def _encodable(record: Any) -> bool:
+    """Whether every string in a parsed JSON value can be written as UTF-8 (no lone surrogates)."""
+    try:
+        json.dumps(record, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
     """(line number, object) for each non-blank line; a clear ProblemFileError on the first bad one."""
     path = Path(path)
@@ -112,6 +121,8 @@ def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
             raise ProblemFileError(f"{path}:{number}: not valid JSON ({reason})") from None
         if not isinstance(record, dict):
             raise ProblemFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
+        if "\\u" in line and not _encodable(record):  # refused here, not by SQLite when it is stored
+            raise ProblemFileError(f"{path}:{number}: invalid text: a lone UTF-16 surrogate escape such as \\ud800")
         rows.append((number, record))
     if not rows:
         raise ProblemFileError(f"{path}: no problems in the file")
