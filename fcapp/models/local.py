@@ -578,15 +578,23 @@ class LocalModel:
     def stream(self, messages: list[Message], tools: list[dict] | None = None,
                params: SamplingParams | None = None) -> Iterator[Chunk]:
         """Stream a reply token by token. Closing the iterator stops generation at once."""
-        params = params or SamplingParams()
+        for (chunk,) in self.stream_batch([messages], [params or SamplingParams()]):
+            if chunk.text or chunk.finished:
+                yield chunk
+
+    def stream_batch(self, conversations: list[list[Message]], params: list[SamplingParams],
+                     stop_when: Callable[[int, str], bool] | None = None) -> Iterator[list[Chunk]]:
+        """Decode several conversations together, yielding after every token one Chunk per row: the
+        row's new text (often empty) and running counts, `finished` once the row has stopped (and
+        on each later yield). Stop rules as in `generate_batch`. Closing the iterator stops at once."""
+        if len(conversations) != len(params):
+            raise ValueError("stream_batch needs one SamplingParams per conversation")
+        if not conversations:
+            return
         with self.lock, torch.inference_mode():
-            prompt = self.encode(messages)
-            generated = 0
-            for (row,) in self._decode([prompt], [params], None):
-                generated = len(row.generated)
-                if row.delta:
-                    yield Chunk(row.delta, len(prompt), generated)
-            yield Chunk(prompt_tokens=len(prompt), completion_tokens=generated, finished=True)
+            prompts = [self.encode(messages) for messages in conversations]
+            for rows in self._decode(prompts, params, stop_when):
+                yield [Chunk(row.delta, row.prompt_tokens, len(row.generated), row.done) for row in rows]
 
     def generate_batch(self, conversations: list[list[Message]], params: list[SamplingParams],
                        stop_when: Callable[[int, str], bool] | None = None) -> list[RowCompletion]:
