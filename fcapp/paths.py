@@ -19,11 +19,16 @@ def data_home() -> Path:
     return root
 
 
-def models_dir() -> Path:
-    """Tuned models live here, one folder per name."""
-    path = data_home() / "models"
+def data_dir(name: str) -> Path:
+    """A folder of the data home (models, exports, uploads), created on demand."""
+    path = data_home() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def models_dir() -> Path:
+    """Tuned models live here, one folder per name."""
+    return data_dir("models")
 
 
 def safe_name(name: str, what: str = "name") -> str:

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 
 import pytest
 
-from fcapp.paths import data_home, models_dir, safe_name
+from fcapp.paths import data_dir, data_home, models_dir, safe_name
 from fcapp.store import Store
 from fcapp.tasks.base import ProblemFileError
 from fcapp.tools.base import SchemaError
@@ -116,14 +116,14 @@ def test_a_model_name_resolves_inside_the_models_folder_only(home: Path, monkeyp
                                          "../" * 50 + "deep", "\u202eexe.txt", "con", "nul\x00.txt"])
 def test_uploaded_files_land_in_the_uploads_folder_whatever_their_name(home: Path, tmp_path: Path,
                                                                         upload_name: str | None) -> None:
-    from fcapp.ui.common import safe_upload, uploads_dir
+    from fcapp.ui.common import safe_upload
 
     source = tmp_path / "gradio-temp" / "upload.bin"
     source.parent.mkdir()
     source.write_bytes(b"payload")
     outside = tree(tmp_path / "gradio-temp")
     stored = safe_upload(source, upload_name)
-    assert stored.parent == uploads_dir().resolve()
+    assert stored.parent == data_dir("uploads").resolve()
     assert stored.read_bytes() == b"payload"
     assert not stored.name.startswith(".") and "\x00" not in stored.name and "/" not in stored.name
     assert len(stored.name) <= 120

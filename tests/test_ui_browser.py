@@ -48,32 +48,11 @@ def test_launch_refuses_a_public_host_without_auth():
             parse_auth(bad)
 
 
-def test_uploaded_names_stay_in_their_folder(tmp_path):
-    from fcapp.ui.common import safe_upload, uploads_dir
-
-    source = tmp_path / "pairs.jsonl"
-    source.write_text("{}\n")
-    for name in ("../../etc/passwd", "..\\..\\x.jsonl", "/abs/olute.jsonl", ".hidden", "a b?.jsonl"):
-        target = safe_upload(source, name)
-        assert target.parent == uploads_dir().resolve() and target.read_text() == "{}\n"
-        assert ".." not in target.name and "/" not in target.name
-
-
 # ---- the app ----------------------------------------------------------------------------------------------
-def _wrong_chain(task, problem, model_id: str, answer: str, expression: str):
-    """A real incorrect chain: wrong calls replayed through the agent, then verified."""
-    from fcapp.agent import Call
-    from fcapp.solve import finish, start_chain
-
-    agent, chain = start_chain(task, problem, model_id)
-    agent.replay(chain, [Call("calculator", {"expression": expression}), Call("final_answer", {"answer": answer})])
-    chain.reference = False
-    return finish(task, problem, chain)
-
-
 def seed(db: Path) -> dict[str, list[int]]:
     """Four problems with a reference chain and a wrong chain (pairs), then two with two wrong chains."""
-    from fcapp.solve import reference_chain
+    from helpers import correct_chain, wrong_chain
+
     from fcapp.store import Store
     from fcapp.tasks import get_task
 
@@ -83,15 +62,13 @@ def seed(db: Path) -> dict[str, list[int]]:
     with Store(db) as store:
         store.add_problems(problems)
         for problem in problems[:4]:
-            reference = reference_chain(task, problem)
-            assert reference is not None and reference.verdict
-            wrong = _wrong_chain(task, problem, "replayed-wrong", "-1", "1+1")
+            reference = correct_chain("gsm8k", problem.id)
+            wrong = wrong_chain("gsm8k", problem.id, "-1", "replayed-wrong")
             ids[problem.id] = [store.add_chain(reference, True, role="reference"),
                                store.add_chain(wrong, wrong.verdict, role="teacher")]
         for problem in problems[4:]:
-            for k, (answer, expression) in enumerate([("-1", "1+1"), ("-2", "2+2")]):
-                wrong = _wrong_chain(task, problem, f"replayed-wrong-{k}", answer, expression)
-                assert wrong.verdict is False
+            for k, answer in enumerate(["-1", "-2"]):
+                wrong = wrong_chain("gsm8k", problem.id, answer, f"replayed-wrong-{k}")
                 ids.setdefault(problem.id, []).append(store.add_chain(wrong, False, role="teacher"))
     return ids
 

@@ -6,6 +6,7 @@ import ipaddress
 
 import gradio as gr
 
+from fcapp.paths import data_dir
 from fcapp.store import Store
 from fcapp.ui import common, compare, curate, functions, solve, train
 
@@ -107,4 +108,4 @@ def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, d
     demo = build_app(db)
     demo.launch(server_name=host, server_port=port, auth=credentials, show_error=True, ssr_mode=False,
                 theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, head=HEAD,
-                allowed_paths=[str(common.exports_dir())], max_file_size="200mb", quiet=False)
+                allowed_paths=[str(data_dir("exports"))], max_file_size="200mb", quiet=False)

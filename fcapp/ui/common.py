@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import gradio as gr
 
 from fcapp.agent import FINAL_ANSWER, Chain, Event, Step
-from fcapp.paths import data_home
+from fcapp.paths import data_dir
 from fcapp.store import Store
 from fcapp.tools.base import render_call
 
@@ -276,25 +276,12 @@ class ChainView:
         return self.head + rendered + self.tail
 
 
-# ---- curation helper (kept free of gradio: the CLI could call it too) ----------------------------------
 # ---- files ----------------------------------------------------------------------------------------------
-def exports_dir() -> Path:
-    path = data_home() / "exports"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def uploads_dir() -> Path:
-    path = data_home() / "uploads"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def safe_upload(temp_path: str | Path, original_name: str | None = None) -> Path:
     """Copy an uploaded file into uploads/ under a cleaned name that cannot leave that folder."""
     name = Path(str(original_name or temp_path).replace("\\", "/")).name
     name = re.sub(r"[^A-Za-z0-9._-]", "_", name).lstrip(".") or "upload"
-    folder = uploads_dir().resolve()
+    folder = data_dir("uploads").resolve()
     target = (folder / f"{int(time.time())}-{name[:100]}").resolve()
     if target.parent != folder:
         raise ValueError(f"refusing the upload name {original_name!r}")

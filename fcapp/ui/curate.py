@@ -11,8 +11,9 @@ import gradio as gr
 from fcapp.generate import GenerateConfig, generate
 from fcapp.pairs import PairPolicy, import_pairs, make_pairs
 from fcapp.solve import edit_final_answer
+from fcapp.paths import data_dir
 from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, chatbot, default_task,
-                             exports_dir, get_model, model_choices, safe_upload, short, task_choices)
+                             get_model, model_choices, safe_upload, short, task_choices)
 
 HEADERS = ["id", "problem", "model", "verifier", "label", "counts as", "steps", "answer"]
 VERDICTS = {"any": None, "correct": True, "incorrect": False}
@@ -137,7 +138,7 @@ def build(ctx: Context) -> None:
     def export(task, max_per, dedup, use_ref, fmt):
         if not task:
             return None, "Pick a task."
-        out = exports_dir() / f"pairs-{task}-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}"
+        out = data_dir("exports") / f"pairs-{task}-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}"
         card = make_pairs(store, task, out, PairPolicy(int(max_per), bool(dedup), bool(use_ref)))
         note = (f"Built **{card['pairs']} pairs** from {card['chains']} chains (policy {card['policy']['name']}); "
                 f"files: {', '.join(f.rsplit('/', 1)[-1] for f in card['files'])}")

@@ -18,8 +18,8 @@ from plotly.subplots import make_subplots
 
 from fcapp import train as training
 from fcapp.pairs import PairPolicy, make_pairs
-from fcapp.paths import models_dir
-from fcapp.ui.common import EMBEDDED, Context, default_task, exports_dir, fmt_seconds, model_choices, task_choices
+from fcapp.paths import data_dir, models_dir
+from fcapp.ui.common import EMBEDDED, Context, default_task, fmt_seconds, model_choices, task_choices
 
 HISTORY_HEADERS = ["run", "name", "status", "steps", "pairs", "final loss", "margin", "started", "seconds"]
 
@@ -124,7 +124,7 @@ def build(ctx: Context) -> None:
         if not task:
             raise gr.Error("Pick a task.")
         name = (name or "").strip() or f"dpo-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        pairs_file = exports_dir() / f"train-{name}.jsonl"
+        pairs_file = data_dir("exports") / f"train-{name}.jsonl"
         try:
             card = make_pairs(store, task, pairs_file, PairPolicy(int(max_per)))
             if not card["pairs"]:
