@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from fcapp.tools.worker import POOL, WorkerError
+
 # Every argument string a model sends is capped: tools never see megabyte inputs.
 MAX_ARGUMENT_CHARS = 4000
 # Longest a built-in tool may run before the call becomes an error step.
@@ -43,6 +45,7 @@ class Tool:
     parameters: dict[str, Any]
     examples: list[dict[str, Any]] = field(default_factory=list)
     timeout_s: float = CALL_TIMEOUT_S
+    isolated: bool = False  # run in a killable worker process (a module-level function that may run long)
 
     def schema(self) -> dict[str, Any]:
         """The OpenAI / HF `tools` entry for this function."""
@@ -76,6 +79,28 @@ class Tool:
     def call(self, arguments: Any) -> str:
         """Validate, run with a time limit, and return the result as text. Raises ToolError."""
         args = self.validate(arguments)
+        try:
+            result = self._run_isolated(args) if self.isolated else self._run_in_thread(args)
+        except TimeoutError:
+            raise ToolError(f"{self.name} took longer than {self.timeout_s:g} s and was stopped") from None
+        except ToolError:
+            raise
+        except WorkerError as exc:
+            raise ToolError(str(exc) if exc.tool_error else f"{self.name} failed: {exc}") from None
+        except (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError) as exc:
+            raise ToolError(f"{self.name} failed: {str(exc) or type(exc).__name__}") from None  # some have no message
+        text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
+        if len(text) > MAX_RESULT_CHARS:
+            text = text[:MAX_RESULT_CHARS] + " ...[truncated]"
+        return text
+
+    def _run_isolated(self, args: dict[str, Any]) -> Any:
+        """In a worker process, killed if it runs past the limit (see fcapp.tools.worker)."""
+        return POOL.call(self.fn, args, self.timeout_s)
+
+    def _run_in_thread(self, args: dict[str, Any]) -> Any:
+        """In a daemon thread, not an executor's: a call past its limit cannot be killed and runs on,
+        but it must not hold up the process's exit, as executor threads do (they are joined at exit)."""
         future: concurrent.futures.Future = concurrent.futures.Future()
 
         def run() -> None:
@@ -84,22 +109,8 @@ class Tool:
             except BaseException as exc:  # noqa: BLE001 - handed to the caller below
                 future.set_exception(exc)
 
-        # A daemon thread, not an executor's: a call past its limit cannot be killed and runs on
-        # (sympy can take minutes on some equations), but it must not hold up the process's exit,
-        # as executor threads do (they are joined at exit).
         threading.Thread(target=run, name=f"tool-{self.name}", daemon=True).start()
-        try:
-            result = future.result(timeout=self.timeout_s)
-        except concurrent.futures.TimeoutError:
-            raise ToolError(f"{self.name} took longer than {self.timeout_s:g} s and was stopped") from None
-        except ToolError:
-            raise
-        except (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError) as exc:
-            raise ToolError(f"{self.name} failed: {str(exc) or type(exc).__name__}") from None  # some have no message
-        text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
-        if len(text) > MAX_RESULT_CHARS:
-            text = text[:MAX_RESULT_CHARS] + " ...[truncated]"
-        return text
+        return future.result(timeout=self.timeout_s)
 
 
 def render_call(name: str, arguments: dict[str, Any]) -> str:
@@ -192,6 +203,7 @@ def tool_from_function(
     examples: list[dict[str, Any]] | None = None,
     name: str | None = None,
     timeout_s: float = CALL_TIMEOUT_S,
+    isolated: bool = False,
 ) -> Tool:
     """Build a Tool from a typed, documented function. Raises SchemaError with a clear message."""
     tool_name = name or fn.__name__
@@ -218,7 +230,7 @@ def tool_from_function(
         if param.default is inspect.Parameter.empty:
             required.append(param.name)
     parameters = {"type": "object", "properties": properties, "required": required}
-    built = Tool(tool_name, fn, description, parameters, list(examples or []), timeout_s)
+    built = Tool(tool_name, fn, description, parameters, list(examples or []), timeout_s, isolated)
     for example in built.examples:
         try:
             built.validate(example)

@@ -230,7 +230,9 @@ def _decimal(value: sympy.Expr) -> str:
         if value.is_Rational:
             number = decimal.Decimal(int(value.p)) / decimal.Decimal(int(value.q))
         else:
-            number = +decimal.Decimal(str(sympy.N(value, SHOWN_DIGITS + 5)))
+            # enough working digits for any cancellation between terms of up to MAX_DIGITS digits
+            # (pi**1000 % 7 is pi**1000 - 7*floor(...): the default 100 extra digits gave 0)
+            number = +decimal.Decimal(str(sympy.N(value, SHOWN_DIGITS + 5, maxn=MAX_DIGITS + 100)))
     if number != 0 and not decimal.Decimal("1e-6") <= abs(number) < decimal.Decimal("1e15"):
         return f"{number:.6e}"
     text = f"{number:f}"
@@ -341,9 +343,10 @@ def percentage(part: float, whole: float) -> str:
 
 def math_toolkit() -> Registry:
     """The math task's functions, with call examples for the prompt."""
-    return Registry([
-        tool_from_function(calculator, examples=[{"expression": "(12 + 8) * 3"}, {"expression": "1,500 / 4"}]),
-        tool_from_function(solve_equation, examples=[{"equation": "2*x + 3 = 11", "variable": "x"}]),
-        tool_from_function(simplify, examples=[{"expression": "2*x + 3*x - x"}]),
-        tool_from_function(percentage, examples=[{"part": 15, "whole": 60}]),
+    return Registry([  # sympy can run for minutes on some input: each call in a killable worker
+        tool_from_function(calculator, examples=[{"expression": "(12 + 8) * 3"}, {"expression": "1,500 / 4"}],
+                           isolated=True),
+        tool_from_function(solve_equation, examples=[{"equation": "2*x + 3 = 11", "variable": "x"}], isolated=True),
+        tool_from_function(simplify, examples=[{"expression": "2*x + 3*x - x"}], isolated=True),
+        tool_from_function(percentage, examples=[{"part": 15, "whole": 60}], isolated=True),
     ])

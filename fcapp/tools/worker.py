@@ -1,0 +1,132 @@
+"""Built-in tools that can run for long (sympy) called in worker processes that can be killed.
+
+A thread cannot be stopped: a sympy call past its time limit would keep a core busy for minutes
+(`solve_equation("abs(x)+x**3=1")` does), slowing every chain after it. So `Tool.call` hands an
+isolated tool's call to an idle worker (`python -m fcapp.tools.worker`, one JSON line in, one out)
+and, when the call runs past its limit, kills that worker; the next call gets a fresh one. Workers
+are started on demand, one per concurrent call, kept for reuse, and capped in memory.
+
+Only trusted, importable functions (`module:qualname`) run here; model text reaches them only as
+validated arguments, exactly as in-process.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+from typing import Any, Callable
+
+MEMORY_LIMIT_BYTES = 2 * 2**30  # address space of a worker: a runaway expansion fails, the app does not
+# What a failed call reports: ToolError's message as it is; these as "<tool> failed: ..."; others too,
+# but named, since a built-in tool should not raise them.
+_EXPECTED = (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError)
+
+
+class WorkerError(Exception):
+    """A call in a worker failed; `tool_error` says whether the tool refused as designed (ToolError)."""
+
+    def __init__(self, message: str, tool_error: bool) -> None:
+        super().__init__(message)
+        self.tool_error = tool_error
+
+
+def function_ref(fn: Callable[..., Any]) -> str:
+    """`module:qualname` of a module-level function (what a worker imports)."""
+    return f"{fn.__module__}:{fn.__qualname__}"
+
+
+class _Worker:
+    """One worker process: send a call, read its reply within a time limit."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "fcapp.tools.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL, text=True, encoding="utf-8", close_fds=True,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        )
+        self.reply: dict[str, Any] | None = None
+
+    def call(self, ref: str, arguments: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        """The reply, or None when it did not come within timeout_s (the caller kills this worker)."""
+        assert self.process.stdin is not None and self.process.stdout is not None
+        self.process.stdin.write(json.dumps({"fn": ref, "args": arguments}) + "\n")
+        self.process.stdin.flush()
+        self.reply = None
+        reader = threading.Thread(target=self._read, daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        return None if reader.is_alive() else self.reply
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        self.reply = json.loads(line) if line else {"error": "the worker process died", "tool_error": False}
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+
+
+class WorkerPool:
+    """Idle workers, taken one per call (so concurrent calls run side by side) and returned after."""
+
+    def __init__(self) -> None:
+        self._idle: list[_Worker] = []
+        self._lock = threading.Lock()
+
+    def call(self, fn: Callable[..., Any], arguments: dict[str, Any], timeout_s: float) -> Any:
+        """fn(**arguments) in a worker. Raises TimeoutError (the worker is killed) or WorkerError."""
+        with self._lock:
+            worker = self._idle.pop() if self._idle else None
+        worker = worker if worker and worker.process.poll() is None else _Worker()
+        reply = worker.call(function_ref(fn), arguments, timeout_s)
+        if reply is None:
+            worker.kill()
+            raise TimeoutError
+        with self._lock:
+            self._idle.append(worker)
+        if "error" in reply:
+            raise WorkerError(reply["error"], reply["tool_error"])
+        return reply["result"]
+
+    def close(self) -> None:
+        with self._lock:
+            workers, self._idle = self._idle, []
+        for worker in workers:
+            worker.kill()
+
+
+POOL = WorkerPool()
+
+
+# ---- the worker's side ------------------------------------------------------------------------
+def _run(request: dict[str, Any]) -> dict[str, Any]:
+    from fcapp.tools.base import ToolError
+
+    module, _, name = request["fn"].partition(":")
+    fn = getattr(importlib.import_module(module), name)
+    try:
+        return {"result": fn(**request["args"])}
+    except ToolError as exc:
+        return {"error": str(exc), "tool_error": True}
+    except _EXPECTED as exc:
+        return {"error": str(exc) or type(exc).__name__, "tool_error": False}
+    except Exception as exc:  # noqa: BLE001 - reported, the worker lives on
+        return {"error": f"{type(exc).__name__}: {exc}", "tool_error": False}
+
+
+def main() -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
+    replies, sys.stdout = sys.stdout, sys.stderr  # a stray print cannot break the protocol
+    for line in sys.stdin:
+        replies.write(json.dumps(_run(json.loads(line)), ensure_ascii=False, default=str) + "\n")
+        replies.flush()
+
+
+if __name__ == "__main__":
+    main()
