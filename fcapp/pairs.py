@@ -8,6 +8,7 @@ DPOTrainer takes unchanged. The shared prefix stays in `prompt` (DPO masks nothi
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -85,9 +86,12 @@ def build_pairs(store: Store, task: str, policy: PairPolicy | None = None) -> li
 
 
 def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and rename: readers never see half a file."""
+    """Write through a temporary file in the same folder and rename: readers never see half a file.
+    The temporary file is named after its writer's PID, so one left by a killed writer is removed
+    by the next write to the same target."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    _remove_orphans(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(Path(tmp))
@@ -95,6 +99,24 @@ def _atomic_write(path: Path, write: Any) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _remove_orphans(path: Path) -> None:
+    """Delete the temporary files of `path` whose writing process no longer exists."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = leftover.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            leftover.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def export_pairs(rows: list[dict[str, Any]], out: str | Path, card: dict[str, Any] | None = None) -> list[Path]:

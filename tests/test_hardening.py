@@ -557,6 +557,8 @@ def test_an_export_killed_mid_write_leaves_a_complete_file(tmp_path: Path, expor
     # a killed writer leaves at most hidden temporary files beside the target
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("pairs.jsonl", "pairs.jsonl.card.md")]
     assert all(name.startswith(".pairs.jsonl.") for name in leftovers), leftovers
-    from fcapp.pairs import load_pair_file
+    from fcapp.pairs import export_pairs, load_pair_file
 
     assert len(load_pair_file(target)) in (3, 5000)
+    export_pairs([_pair_row(0)], target)  # the next export clears what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pairs.jsonl", "pairs.jsonl.card.md"]
