@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from fcapp.agent import Agent
-from fcapp.tasks.base import ProblemFileError, Task, split_of
+from fcapp.paths import data_dir
+from fcapp.tasks.base import Problem, ProblemFileError, Task, split_of
 from fcapp.tasks.fol import FolGenTask, FolioTask, normalise_label
 from fcapp.tools.logic import decide
 
@@ -197,6 +198,16 @@ def test_generator_is_deterministic(generated: FolGenTask) -> None:
     assert FolGenTask(n=10, seed=7).problems() == generated.problems()[:10]  # problem i does not depend on n
     assert FolGenTask(n=10, seed=8).problems() != generated.problems()[:10]
     assert [p.id for p in generated.problems()[:3]] == ["fol-7-0", "fol-7-1", "fol-7-2"]
+
+
+def test_generated_problems_are_cached_and_a_damaged_cache_is_rebuilt() -> None:
+    built = FolGenTask(n=12, seed=11).problems()
+    cached = list((data_dir("cache")).glob("fol-12-11-*.json"))
+    assert len(cached) == 1
+    assert FolGenTask(n=12, seed=11).problems() == built  # read back exactly
+    cached[0].write_text('[{"id": "fol-11-0", "broken')
+    assert FolGenTask(n=12, seed=11).problems() == built
+    assert [Problem(**r) for r in json.loads(cached[0].read_text())] == built
 
 
 def test_generator_labels_are_balanced(generated: FolGenTask) -> None:

@@ -5,14 +5,20 @@ problems. Both label a conclusion True / False / Unknown and give the model the 
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
+import json
+import os
 import random
 import re
 from pathlib import Path
 from typing import Any
 
 from fcapp.agent import FINAL_ANSWER, Call
+from fcapp.paths import data_dir
 from fcapp.tasks.base import Problem, Task, read_jsonl, split_of
+from fcapp.tools import logic as logic_module
 from fcapp.tools.base import Registry, ToolError
 from fcapp.tools.logic import FormulaError, consistent, decide_parsed, logic_toolkit, parse
 
@@ -217,8 +223,25 @@ class FolGenTask(_FolTask):
 
     def problems(self) -> list[Problem]:
         if self._problems is None:
-            self._problems = [self.generate(i) for i in range(self.n)]
+            self._problems = self._cached_problems()
         return self._problems
+
+    def _cached_problems(self) -> list[Problem]:
+        """The n problems, read from a cache file after the first build (z3 takes ~10 ms a problem).
+        The file's name holds the settings and a hash of the generator's source, so any change to
+        either builds afresh."""
+        source = hashlib.sha256(Path(__file__).read_bytes() + Path(logic_module.__file__).read_bytes()).hexdigest()
+        settings = f"{self.n}-{self.seed}-{self.depth}-{self.distractors}-{self.conjunction_rate}"
+        path = data_dir("cache") / f"fol-{settings}-{source[:16]}.json"
+        try:
+            return [Problem(**record) for record in json.loads(path.read_text(encoding="utf-8"))]
+        except (OSError, ValueError, TypeError):  # absent or damaged: build it
+            pass
+        problems = [self.generate(i) for i in range(self.n)]
+        partial = path.with_name(f".{path.name}.{os.getpid()}")
+        partial.write_text(json.dumps([dataclasses.asdict(p) for p in problems]), encoding="utf-8")
+        os.replace(partial, path)  # concurrent builders write the same bytes; readers never see half
+        return problems
 
     def generate(self, index: int) -> Problem:
         """Problem `index` of this generator (the same on every run and machine)."""
