@@ -215,7 +215,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     if args.api_key_env and not api_key:
         raise ValueError(f"--api-key-env {args.api_key_env}: that environment variable is not set")
-    serve(args.model, args.host, args.port, api_key=api_key)
+    serve(args.model, args.host, args.port, api_key=api_key, max_batch=args.max_batch)
     return 0
 
 
@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=8,
+                   help="the most concurrent requests decoded together in one batch")
     p.add_argument("--api-key-env", help="require the bearer key held in this environment variable "
                                          "(needed for a non-loopback host; a key on the command line would show in ps)")
     p.set_defaults(func=cmd_serve)

@@ -7,9 +7,14 @@ the text, as OpenAI does), stream_options.include_usage. `tools`, `tool_choice` 
 are accepted and ignored: functions belong in the prompt (see fcapp.agent). Messages with role
 "tool" are passed to the chat template as they are.
 
-The model generates one request at a time (LocalModel holds a lock); each generation runs in its
-own thread so the event loop keeps serving, and stops as soon as its client goes away. A host
-other than loopback is refused unless an API key (`Authorization: Bearer KEY`) is required.
+Concurrent requests are decoded together, as vLLM does: a model with `stream_batch` (LocalModel)
+is owned by one batcher thread; requests that arrive while a batch runs wait, and go together (up
+to `max_batch`) into the next one. Sampling is seeded per row, so a reply does not depend on what
+else shared its batch. A client that goes away has its row stopped and ignored (the batch stops
+when every row is gone); a model error fails every request of its batch, and the batcher goes on
+with the next. Any other ChatModel generates each request in a thread of its own. Either way the
+event loop keeps serving. A host other than loopback is refused unless an API key
+(`Authorization: Bearer KEY`) is required.
 """
 
 from __future__ import annotations
@@ -19,14 +24,16 @@ import hmac
 import ipaddress
 import json
 import os
+import queue
 import random
 import socket
 import sys
 import threading
 import time
 import uuid
-from contextlib import aclosing
-from typing import Any, AsyncIterator, Literal, Sequence
+from contextlib import aclosing, asynccontextmanager, closing
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 import uvicorn
 from fastapi import Depends, FastAPI, Request
@@ -162,42 +169,116 @@ class Reply:
 
 
 _END = object()
+BATCH_WINDOW_S = 0.01  # after a batch's first request, how long the batcher waits for more
 
 
-async def generate(model: ChatModel, messages: list[Message], params: SamplingParams,
-                   request: Request) -> AsyncIterator[Chunk]:
-    """The model's chunks, produced in a thread of their own (the loop stays free). Generation stops
-    when this iterator is closed or the client disconnects; the model's stream is closed in the
+@dataclass
+class Pending:
+    """One request on its way through the model: `put` sends an item (a Chunk, an exception, _END)
+    to the request's queue from any thread; `cancel` is set once its client has gone."""
+
+    messages: list[Message]
+    params: SamplingParams
+    put: Callable[[Any], None]
+    cancel: threading.Event
+
+
+def generate_alone(model: ChatModel, pending: Pending) -> None:
+    """Run one request through `model.stream`, in a thread of its own. The stream is closed in the
     thread that ran it (LocalModel's lock and inference mode belong to that thread)."""
+    stream = model.stream(pending.messages, None, pending.params)
+    try:
+        for chunk in stream:
+            if pending.cancel.is_set():
+                break
+            pending.put(chunk)
+    except Exception as exc:  # reported to the client, not raised in a thread nobody watches
+        pending.put(exc)
+    finally:
+        getattr(stream, "close", lambda: None)()
+        pending.put(_END)
+
+
+class Batcher:
+    """The one thread that runs a model with `stream_batch`: it takes the requests waiting (those
+    that come within BATCH_WINDOW_S of the first too, `max_batch` at most) and decodes them
+    together, each row's chunks going to its own request."""
+
+    def __init__(self, model: Any, max_batch: int) -> None:
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, not {max_batch}")
+        self.model, self.max_batch = model, max_batch
+        self.waiting: queue.Queue[Pending | None] = queue.Queue()
+        threading.Thread(target=self._serve, name="fcapp-serve-batcher", daemon=True).start()
+
+    def submit(self, pending: Pending) -> None:
+        self.waiting.put(pending)
+
+    def close(self) -> None:
+        """Stop once the requests already waiting are answered."""
+        self.waiting.put(None)
+
+    def _serve(self) -> None:
+        stopping = False
+        while not stopping:
+            batch = [self.waiting.get()]
+            deadline = time.monotonic() + BATCH_WINDOW_S
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self.waiting.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
+            stopping = None in batch
+            live = [p for p in batch if p is not None and not p.cancel.is_set()]
+            if live:
+                self.decode(live)
+
+    def decode(self, batch: list[Pending]) -> None:
+        """Decode `batch` in one stream: each request gets its row's chunks and _END, or the error.
+        A gone client's row is stopped (stop_when) and ignored; once every row has finished or
+        lost its client, the stream is closed."""
+        ended = [False] * len(batch)
+        try:
+            with closing(self.model.stream_batch([p.messages for p in batch], [p.params for p in batch],
+                                                 stop_when=lambda i, _: batch[i].cancel.is_set())) as stream:
+                for chunks in stream:
+                    for i, (pending, chunk) in enumerate(zip(batch, chunks)):
+                        if ended[i] or pending.cancel.is_set():
+                            continue
+                        if chunk.text or chunk.finished:
+                            pending.put(chunk)
+                        if chunk.finished:
+                            pending.put(_END)
+                            ended[i] = True
+                    if all(done or p.cancel.is_set() for done, p in zip(ended, batch)):
+                        break
+        except Exception as exc:  # the whole batch failed: every request still waiting hears why
+            for done, pending in zip(ended, batch):
+                if not done:
+                    pending.put(exc)
+
+
+async def generate(submit: Callable[[Pending], None], messages: list[Message], params: SamplingParams,
+                   request: Request) -> AsyncIterator[Chunk]:
+    """The model's chunks for one request, produced in another thread (the loop stays free):
+    `submit` hands the request over (to the batcher, or to a thread of its own). Generation stops
+    when this iterator is closed or the client disconnects."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[Any] = asyncio.Queue()
+    inbox: asyncio.Queue[Any] = asyncio.Queue()
     cancel = threading.Event()
 
     def put(item: Any) -> None:
         try:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
         except RuntimeError:  # the loop is closed: the server is gone
             cancel.set()
 
-    def work() -> None:
-        stream = model.stream(messages, None, params)
-        try:
-            for chunk in stream:
-                if cancel.is_set():
-                    break
-                put(chunk)
-        except Exception as exc:  # reported to the client, not raised in a thread nobody watches
-            put(exc)
-        finally:
-            getattr(stream, "close", lambda: None)()
-            put(_END)
-
-    threading.Thread(target=work, name="fcapp-serve-generate", daemon=True).start()
+    submit(Pending(messages, params, put, cancel))
     last_check = loop.time()
     try:
         while True:
             try:
-                item = await asyncio.wait_for(queue.get(), DISCONNECT_POLL_S)
+                item = await asyncio.wait_for(inbox.get(), DISCONNECT_POLL_S)
             except TimeoutError:
                 item = None
             if loop.time() - last_check >= DISCONNECT_POLL_S:
@@ -226,9 +307,24 @@ class ClosingStreamingResponse(StreamingResponse):
 
 
 # ---- the app --------------------------------------------------------------------------------------
-def build_app(model: ChatModel, api_key: str | None = None) -> FastAPI:
+def build_app(model: ChatModel, api_key: str | None = None, max_batch: int = 8) -> FastAPI:
     """The OpenAI-compatible app over `model` (a LocalModel, or any ChatModel); `api_key`, when
-    given, is required as `Authorization: Bearer KEY` on every route."""
+    given, is required as `Authorization: Bearer KEY` on every route; `max_batch`: the most
+    requests decoded together (a model with `stream_batch`)."""
+    batcher = Batcher(model, max_batch) if hasattr(model, "stream_batch") else None
+
+    def submit(pending: Pending) -> None:
+        if batcher is not None:
+            batcher.submit(pending)
+        else:
+            threading.Thread(target=generate_alone, args=(model, pending), name="fcapp-serve-generate",
+                             daemon=True).start()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        if batcher is not None:
+            batcher.close()
 
     async def check_key(request: Request) -> None:
         if api_key is None:
@@ -238,7 +334,8 @@ def build_app(model: ChatModel, api_key: str | None = None) -> FastAPI:
             raise APIError(401, "invalid or missing API key (send Authorization: Bearer KEY)",
                            code="invalid_api_key")
 
-    app = FastAPI(title="fcapp OpenAI-compatible endpoint", dependencies=[Depends(check_key)])
+    app = FastAPI(title="fcapp OpenAI-compatible endpoint", dependencies=[Depends(check_key)], lifespan=lifespan)
+    app.state.batcher = batcher
     started = int(time.time())
 
     @app.exception_handler(APIError)
@@ -270,11 +367,11 @@ def build_app(model: ChatModel, api_key: str | None = None) -> FastAPI:
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model.model_id}
         if body.stream:
             usage = bool(body.stream_options and body.stream_options.include_usage)
-            events = sse_events(generate(model, messages, params, request), reply, head, usage)
+            events = sse_events(generate(submit, messages, params, request), reply, head, usage)
             return ClosingStreamingResponse(events, media_type="text/event-stream",
                                             headers={"Cache-Control": "no-cache"})
         try:
-            async with aclosing(generate(model, messages, params, request)) as chunks:
+            async with aclosing(generate(submit, messages, params, request)) as chunks:
                 async for chunk in chunks:
                     reply.feed(chunk)
                     if reply.stopped:
@@ -327,10 +424,11 @@ async def sse_events(chunks: AsyncIterator[Chunk], reply: Reply, head: dict[str,
 
 # ---- running it -----------------------------------------------------------------------------------
 def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address, IPv6 with or without brackets) is this machine only."""
     if host == "localhost":
         return True
     try:
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
@@ -342,16 +440,21 @@ def check_exposure(host: str, api_key: str | None) -> None:
                          "the model; set an API key (--api-key), or use host 127.0.0.1")
 
 
-def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None) -> None:
-    """Load a local model and serve it until interrupted (the host is checked before the model loads)."""
+def serve(model_spec: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          max_batch: int = 8) -> None:
+    """Load a local model and serve it until interrupted (the host is checked before the model loads);
+    up to `max_batch` concurrent requests are decoded together."""
     from fcapp.models.local import load_model
 
+    host = host.strip("[]")  # "[::1]" as in a URL
     check_exposure(host, api_key)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be at least 1, not {max_batch}")
     model = load_model(model_spec)
     shown = f"[{host}]" if ":" in host else host
     sys.stderr.write(f"serving {model.model_id} at http://{shown}:{port}/v1 "
                      f"(as a teacher: --model http://{shown}:{port}/v1#{model.model_id})\n")
-    uvicorn.run(build_app(model, api_key=api_key), host=host, port=port, log_level="info")
+    uvicorn.run(build_app(model, api_key=api_key, max_batch=max_batch), host=host, port=port, log_level="info")
 
 
 class ServerThread:

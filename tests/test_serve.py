@@ -1,12 +1,15 @@
 """`fcapp serve` over the real embedded model, spoken to over real HTTP on 127.0.0.1 by the official
 openai client and by httpx: chat (streamed and not), sampling settings, stop strings, errors,
-API keys, and generation stopping when the client goes away."""
+API keys, generation stopping when the client goes away, and concurrent requests decoded in one
+batch."""
 
 from __future__ import annotations
 
 import json
 import threading
-from typing import Any, Iterator
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
 
 import httpx
 import openai
@@ -109,7 +112,8 @@ def test_bad_json_and_unknown_models_are_refused(served, client):
 
 
 class Recorder:
-    """The real model, with a record of how its stream ended."""
+    """The real model as a plain ChatModel (served one request per thread), with a record of how its
+    stream ended."""
 
     def __init__(self, model: Any) -> None:
         self.model, self.model_id = model, model.model_id
@@ -127,12 +131,26 @@ class Recorder:
             self.ended.set()
 
 
+class BatchRecorder(Recorder):
+    """The same record of a model with stream_batch (served by the batcher)."""
+
+    def stream_batch(self, conversations, params, stop_when=None) -> Iterator[list[Chunk]]:
+        try:
+            for chunks in self.model.stream_batch(conversations, params, stop_when):
+                self.tokens = chunks[0].completion_tokens or self.tokens
+                yield chunks
+            self.exhausted = True
+        finally:
+            self.ended.set()
+
+
 COUNT = [{"role": "user", "content": "Count from 1 to 300, separated by commas."}]
 
 
+@pytest.mark.parametrize("wrapper", [Recorder, BatchRecorder])
 @pytest.mark.parametrize("stream", [True, False])
-def test_generation_stops_when_the_client_goes_away(small_model, stream):
-    recorder = Recorder(small_model)
+def test_generation_stops_when_the_client_goes_away(small_model, stream, wrapper):
+    recorder = wrapper(small_model)
     body = {"model": small_model.model_id, "messages": COUNT, "temperature": 0, "max_tokens": 400, "stream": stream}
     with ServerThread(build_app(recorder)) as server:
         if stream:
@@ -145,6 +163,147 @@ def test_generation_stops_when_the_client_goes_away(small_model, stream):
                 httpx.post(f"{server.url}/chat/completions", json=body, timeout=httpx.Timeout(10, read=1.0))
         assert recorder.ended.wait(30)
     assert not recorder.exhausted and recorder.tokens < 400
+
+
+def test_a_model_without_stream_batch_is_served_one_request_per_thread(client, small_model):
+    app = build_app(Recorder(small_model))
+    assert app.state.batcher is None
+    kw: dict[str, Any] = {"model": small_model.model_id, "messages": HI, "temperature": 0, "max_tokens": 12}
+    with ServerThread(app) as server:
+        alone = openai.OpenAI(base_url=server.url, api_key="unused", max_retries=0)
+        assert alone.chat.completions.create(**kw).model_dump(include={"choices", "usage"}) == \
+            client.chat.completions.create(**kw).model_dump(include={"choices", "usage"})
+
+
+# ---- concurrent requests, decoded in one batch ---------------------------------------------------
+class Gated:
+    """The real model behind `stream_batch` only, recording each batch: its size and its rows' last
+    chunks. While `gate` is clear a batch waits before decoding, so that requests pile up behind it;
+    `fail` makes a batch raise after its first token."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.model_id = model, model.model_id
+        self.sizes: list[int] = []
+        self.ends: list[list[Chunk]] = []
+        self.gate, self.at_gate = threading.Event(), threading.Event()
+        self.gate.set()
+        self.fail = False
+
+    def stream_batch(self, conversations, params, stop_when=None) -> Iterator[list[Chunk]]:
+        self.sizes.append(len(conversations))
+        self.at_gate.set()
+        self.gate.wait()
+        last: list[Chunk] = []
+        try:
+            for last in self.model.stream_batch(conversations, params, stop_when):
+                yield last
+                if self.fail:
+                    raise RuntimeError("the model broke down")
+        finally:
+            self.ends.append(last)
+
+
+class Rig:
+    """A server (batches of 4 at most) over a Gated model."""
+
+    def __init__(self, model: Gated, server: ServerThread, waiting: Any) -> None:
+        self.model, self.server, self.waiting = model, server, waiting
+        self.url = f"{server.url}/chat/completions"
+
+    def body(self, messages: list, **kw: Any) -> dict[str, Any]:
+        return {"model": self.model.model_id, "messages": messages, "temperature": 0, "max_tokens": 16, **kw}
+
+    def post(self, body: dict[str, Any]) -> httpx.Response:
+        return httpx.post(self.url, json=body, timeout=60)
+
+    def together(self, calls: list[Callable[[], Any]]) -> list[Any]:
+        """Run `calls` at once while a first request holds the batcher at the gate, then open it:
+        they all wait for the next round. Their results, in order."""
+        self.model.gate.clear()
+        self.model.at_gate.clear()
+        with ThreadPoolExecutor(len(calls) + 1) as pool:
+            holder = pool.submit(self.post, self.body(HI, max_tokens=1))
+            assert self.model.at_gate.wait(30)
+            futures = [pool.submit(call) for call in calls]
+            deadline = time.monotonic() + 30
+            while self.waiting.qsize() < len(calls):
+                assert time.monotonic() < deadline, "the requests never reached the batcher"
+                time.sleep(0.01)
+            self.model.gate.set()
+            holder.result()
+            return [future.result() for future in futures]
+
+
+@pytest.fixture
+def rig(small_model) -> Iterator[Rig]:
+    model = Gated(small_model)
+    app = build_app(model, max_batch=4)
+    with ServerThread(app) as server:
+        yield Rig(model, server, app.state.batcher.waiting)
+
+
+def answer(response: httpx.Response) -> tuple[str, dict | None]:
+    """(text, usage) of a chat completion, streamed or not."""
+    assert response.status_code == 200, response.text
+    if not response.headers["content-type"].startswith("text/event-stream"):
+        data = response.json()
+        return data["choices"][0]["message"]["content"], data["usage"]
+    events = [json.loads(line[5:]) for line in response.text.splitlines()
+              if line.startswith("data:") and line != "data: [DONE]"]
+    text = "".join(e["choices"][0]["delta"].get("content") or "" for e in events if e["choices"])
+    return text, next((e["usage"] for e in events if e.get("usage")), None)
+
+
+ASKS = [HI, [{"role": "user", "content": "Name three colours."}],
+        [{"role": "system", "content": "You are terse."}, {"role": "user", "content": "What is 2+2?"}],
+        [{"role": "user", "content": "Write a haiku about rain."}], COUNT]
+
+
+def test_concurrent_requests_are_decoded_together_and_answer_as_alone(rig):
+    bodies = [rig.body(ASKS[0]), rig.body(ASKS[1], stream=True, stream_options={"include_usage": True}),
+              rig.body(ASKS[2], temperature=0.9, top_p=0.95, seed=7), rig.body(ASKS[3], max_tokens=9),
+              rig.body(ASKS[4], temperature=0.7, seed=1)]
+    alone = [answer(rig.post(body)) for body in bodies]
+    assert rig.model.sizes == [1] * 5 and all(text for text, _ in alone)
+    together = rig.together([lambda body=body: answer(rig.post(body)) for body in bodies])
+    assert rig.model.sizes[5:] == [1, 4, 1]  # the holder, then 4 at most in one batch
+    assert together == alone
+
+
+def test_a_client_leaving_a_batch_does_not_disturb_the_others(rig):
+    stayers = [rig.body(COUNT, max_tokens=40), rig.body([{"role": "user", "content": "List the numbers from 100 "
+                                                                                       "to 200."}], max_tokens=40)]
+    alone = [answer(rig.post(body)) for body in stayers]
+
+    def leave() -> None:
+        with httpx.stream("POST", rig.url, json=rig.body(COUNT, max_tokens=400, stream=True), timeout=60) as response:
+            for line in response.iter_lines():
+                if line.startswith("data:") and json.loads(line[5:])["choices"][0]["delta"].get("content"):
+                    return  # the first text arrived: hang up
+
+    *stayed, _ = rig.together([lambda body=body: answer(rig.post(body)) for body in stayers] + [leave])
+    assert stayed == alone and rig.model.sizes[-1] == 3
+    deadline = time.monotonic() + 30
+    while len(rig.model.ends) < len(rig.model.sizes):
+        assert time.monotonic() < deadline, "the batch never ended"
+        time.sleep(0.01)
+    tokens = sorted(chunk.completion_tokens for chunk in rig.model.ends[-1])
+    assert tokens[:1] < [40] and tokens[1:] == [usage["completion_tokens"] for _, usage in alone] == [40, 40]
+
+
+def test_a_model_error_fails_its_batch_and_the_server_goes_on(rig):
+    rig.model.fail = True
+    whole, streamed = rig.together([lambda: rig.post(rig.body(HI)), lambda: rig.post(rig.body(ASKS[1], stream=True))])
+    assert rig.model.sizes[-1] == 2
+    assert whole.status_code == 500
+    assert whole.json()["error"] == {"message": "generation failed: the model broke down", "type": "server_error",
+                                     "param": None, "code": None}
+    lines = [line for line in streamed.text.splitlines() if line.startswith("data:")]
+    assert json.loads(lines[-2][5:])["error"]["message"] == "generation failed: the model broke down"
+    assert lines[-1] == "data: [DONE]"
+    rig.model.fail = False
+    text, usage = answer(rig.post(rig.body(HI)))
+    assert text and usage["completion_tokens"] > 0
 
 
 def test_an_api_key_is_required_when_set(small_model):
@@ -161,8 +320,10 @@ def test_an_api_key_is_required_when_set(small_model):
 def test_a_public_host_needs_an_api_key():
     with pytest.raises(ValueError, match="without an API key"):
         serve("smollm2", "0.0.0.0", 0)  # refused before any model loads
+    with pytest.raises(ValueError, match="max_batch must be at least 1"):
+        serve("smollm2", "127.0.0.1", 0, max_batch=0)  # also before the model loads
     with pytest.raises(ValueError, match="without an API key"):
         check_exposure("192.168.1.10", None)
     check_exposure("0.0.0.0", "key")
-    for host in ("127.0.0.1", "localhost", "::1"):
+    for host in ("127.0.0.1", "localhost", "::1", "[::1]"):
         check_exposure(host, None)

@@ -40,7 +40,7 @@ def test_launch_refuses_a_public_host_without_auth():
 
     with pytest.raises(ValueError, match="--auth"):
         launch(host="0.0.0.0", port=0)
-    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1")
+    assert is_loopback("127.0.0.1") and is_loopback("localhost") and is_loopback("::1") and is_loopback("[::1]")
     assert not is_loopback("0.0.0.0") and not is_loopback("192.168.1.2")
     assert parse_auth("ann:s3cret:x") == ("ann", "s3cret:x")
     for bad in ("ann", ":pw", "ann:"):

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import ipaddress
-
 import gradio as gr
 
 from fcapp.paths import data_dir
+from fcapp.serve import is_loopback
 from fcapp.store import Store
 from fcapp.ui import common, compare, curate, functions, solve, train
 
@@ -79,15 +78,6 @@ def build_app(db: str | None = None) -> gr.Blocks:
             demo.load(fn, inputs, outputs, show_progress="hidden")
     demo.queue(default_concurrency_limit=4)
     return demo
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def parse_auth(auth: str | None) -> tuple[str, str] | None:
