@@ -308,12 +308,10 @@ def run() -> tuple[dict[str, str], list[Row]]:
                         f"{plain / bound * 100:.1f}%"))
 
         log("threads chosen by measurement")
-        adaptive = LocalModel()  # threads=None: the default
-        chosen, fixed = paired(lambda: run_chain(adaptive, task, problem), lambda: run_chain(model, task, problem),
-                               key=seconds_of)
+        chosen, fixed = paired(lambda: run_chain(LocalModel(), task, problem),  # threads=None: the default
+                               lambda: run_chain(model, task, problem), key=seconds_of)
         rows.append(Row(f"chain with threads chosen by measurement vs fixed at the best ({threads})",
                         f"{chosen[0]:.2f} s vs {fixed[0]:.2f} s", f"{chosen[0] / fixed[0] - 1:+.1%}"))
-        del adaptive
 
         log("bf16")
         rows += bf16_rows(model, ids, chain, bandwidth, task, problem)

@@ -1,31 +1,33 @@
-"""Several chains advanced in lockstep on one local model.
+"""Several chains solved together on one local model, with continuous batching.
 
-Each round, the next prompt of every active chain goes into one `generate_batch` call and each reply
-is applied with `Agent.advance`, exactly as `Agent.run` applies a streamed one. On a memory-bound CPU
-a decode step costs about the same for 8 rows as for 1 (the weights are read once per step), so K
-samples of a problem, or several problems, cost little more than one chain.
+The model decodes up to `batch_size` chains at once. The moment a row's reply ends it is applied with
+`Agent.advance`, exactly as `Agent.run` applies a streamed one, and the row goes on with its chain's
+next prompt (or, once the chain is done, with the next job) inside the same running decode: no row
+waits for the longest reply of a round. On a memory-bound CPU a decode step costs little more for 8
+rows than for 1 (the weights are read once per step), so K samples of a problem, or several
+problems, cost little more than one chain.
 """
 
 from __future__ import annotations
 
 import threading
-import time
+from contextlib import closing
 from typing import Callable, Iterator, Protocol, Sequence
 
 from fcapp.agent import Agent, Chain
 from fcapp.calls import call_end
-from fcapp.models.base import Completion, Message, SamplingParams
+from fcapp.models.base import Completion, Request
 from fcapp.solve import SolveConfig, finish, start_chain
 from fcapp.tasks.base import Problem, Task
 
-
 class BatchModel(Protocol):
-    """What lockstep solving needs from a model (LocalModel has it)."""
+    """What batched solving needs from a model (LocalModel has it): see
+    `LocalModel.generate_continuous` for the contract."""
 
     model_id: str
 
-    def generate_batch(self, conversations: list[list[Message]], params: list[SamplingParams],
-                       stop_when: Callable[[int, str], bool] | None = None) -> list[Completion]: ...
+    def generate_continuous(self, requests: Callable[[int, Completion | None], Request | None], slots: int,
+                            stop_when: Callable[[int, str], bool] | None = None) -> Iterator[None]: ...
 
 
 def iter_solve_batch(task: Task, jobs: Sequence[tuple[Problem, SolveConfig]], model: BatchModel,
@@ -33,43 +35,54 @@ def iter_solve_batch(task: Task, jobs: Sequence[tuple[Problem, SolveConfig]], mo
                      ) -> Iterator[tuple[int, Chain | Exception]]:
     """Solve `jobs` with up to `batch_size` chains in flight; yield (job index, verified chain) as each
     chain finishes, so a caller can store it at once. A finished chain's slot goes to the next job at
-    the next round. A failed batch call yields (index, exception) for each chain it held. Once `stop`
-    is set no further round starts: chains still unfinished are dropped, never yielded half-done."""
+    once. A failed model yields (index, exception) for each chain it held, and the remaining jobs go
+    on. Once `stop` is set decoding ends: chains still unfinished are dropped, never yielded half-done."""
     pending = iter(enumerate(jobs))
-    active: list[tuple[int, Problem, Agent, Chain]] = []
-    while not (stop and stop.is_set()):
-        while len(active) < batch_size and (job := next(pending, None)) is not None:
-            index, (problem, config) = job
-            active.append((index, problem, *start_chain(task, problem, model.model_id, config)))
-        if not active:
-            return
-        names = [agent.tools.names() for _, _, agent, _ in active]
-        began = time.perf_counter()
-        try:
-            replies = model.generate_batch(
-                [chain.messages() for _, _, _, chain in active],
-                [agent.step_params(chain) for _, _, agent, chain in active],
-                lambda row, text: call_end(text, names[row]) is not None,
-            )
-        except Exception as exc:  # the model failed: every chain of this round failed with it
-            for index, *_ in active:
-                yield index, exc
-            active = []
-            continue
-        elapsed = time.perf_counter() - began
-        still: list[tuple[int, Problem, Agent, Chain]] = []
-        for (index, problem, agent, chain), reply in zip(active, replies):
+    active: dict[int, tuple[int, Problem, Agent, Chain]] = {}  # by slot
+    finished: list[tuple[int, Chain | Exception]] = []
+
+    def next_request(slot: int, reply: Completion | None) -> Request | None:
+        """Apply the slot's reply to its chain; the chain's next prompt, or the next job's first."""
+        if reply is not None:
+            index, problem, agent, chain = active[slot]
             agent.advance(chain, reply.text, reply.prompt_tokens, reply.completion_tokens,
-                          getattr(reply, "elapsed_s", elapsed))
-            if not chain.done:
-                still.append((index, problem, agent, chain))
-                continue
-            try:
-                outcome: Chain | Exception = finish(task, problem, chain)
-            except Exception as exc:  # the verifier failed on this chain alone
-                outcome = exc
-            yield index, outcome
-        active = still
+                          getattr(reply, "elapsed_s", 0.0))
+            if chain.done:
+                del active[slot]
+                try:
+                    finished.append((index, finish(task, problem, chain)))
+                except Exception as exc:  # the verifier failed on this chain alone
+                    finished.append((index, exc))
+        if slot not in active:
+            if (stop and stop.is_set()) or (job := next(pending, None)) is None:
+                return None
+            index, (problem, config) = job
+            active[slot] = (index, problem, *start_chain(task, problem, model.model_id, config))
+        _, _, agent, chain = active[slot]
+        return chain.messages(), agent.step_params(chain)
+
+    def ended(slot: int, text: str) -> bool:
+        """A finished call ends the reply: no tokens wasted after it."""
+        return call_end(text, active[slot][2].tools.names()) is not None
+
+    def drain() -> Iterator[tuple[int, Chain | Exception]]:
+        yield from finished
+        finished.clear()
+
+    failed = True
+    while failed and not (stop and stop.is_set()):  # a failed model leaves the pending jobs to a new run
+        failed = False
+        try:
+            with closing(model.generate_continuous(next_request, batch_size, ended)) as steps:
+                for _ in steps:
+                    yield from drain()
+                    if stop and stop.is_set():
+                        return
+        except Exception as exc:  # the model failed: every chain it held failed with it
+            finished.extend((index, exc) for index, *_ in active.values())
+            active.clear()
+            failed = True
+        yield from drain()
 
 
 def solve_batch(task: Task, jobs: Sequence[tuple[Problem, SolveConfig]], model: BatchModel,

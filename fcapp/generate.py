@@ -125,7 +125,7 @@ def generate(
     def run(job: Job) -> Chain:
         return solve(task, job.problem, model, config.solve_config(job.sample))
 
-    if hasattr(model, "generate_batch"):  # a local model: decode several chains in one batch
+    if hasattr(model, "generate_continuous"):  # a local model: decode several chains in one batch
         outcomes = _run_batched(task, jobs, config, model, stop)
     else:
         outcomes = _run_jobs(jobs, run, max(1, config.concurrency), stop)

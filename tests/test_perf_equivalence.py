@@ -1,6 +1,6 @@
 """The speed-ups change no result: with greedy decoding (and with seeded sampling) a chain is the same
-with the prefix cache on or off, and solved in a lockstep batch (rows of different lengths, padded,
-refilled as chains finish) or alone.
+with the prefix cache on or off, and solved in a continuous batch (rows of different lengths, padded,
+each going on with its next prompt or the next job the moment its reply ends) or alone.
 
 Logits are not bit-identical between these paths: MKL's fp32 matmul sums in an order that depends on
 how many rows it multiplies (a batch of 8, a prompt of 500 tokens, or one token), so values differ in
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from fcapp.agent import Chain
 from fcapp.batching import solve_batch
+from fcapp.models.base import Completion, Message, SamplingParams
 from fcapp.solve import SolveConfig, solve
 from fcapp.tasks import get_task
 
@@ -52,3 +53,47 @@ def test_batched_chains_equal_chains_solved_one_at_a_time(small_model):
 
     assert [record(c) for c in batched] == [record(c) for c in alone]
     assert len({str(record(c)) for c in batched[-3:]}) > 1, "sampled chains should differ by seed"
+
+
+def test_continuous_batching_equals_decoding_alone_and_can_stop_mid_decode(small_model):
+    """Rows ending at different times go on with a follow-up in their own cached row, the third
+    conversation takes the first freed slot, and every reply equals the one decoded alone."""
+    questions = ("What is 2+2?", "Name a colour.", "Say hi.")
+    params = [SamplingParams(max_new_tokens=n) for n in (3, 9, 6)]
+
+    def messages(k: int, replies: list[str]) -> list[Message]:
+        first: list[Message] = [{"role": "user", "content": questions[k]}]
+        if not replies:
+            return first
+        return first + [{"role": "assistant", "content": replies[0]}, {"role": "user", "content": "Again."}]
+
+    alone: dict[int, list[str]] = {}
+    for k in range(3):
+        alone[k] = [small_model.generate_batch([messages(k, [])], [params[k]])[0].text]
+        alone[k].append(small_model.generate_batch([messages(k, alone[k])], [params[k]])[0].text)
+
+    queue, held, replies = [0, 1, 2], {}, {k: [] for k in range(3)}
+    started: list[tuple[int, int]] = []  # (slot, conversation) as slots take them
+
+    def requests(slot: int, reply: Completion | None) -> tuple[list[Message], SamplingParams] | None:
+        if reply is not None:
+            replies[held[slot]].append(reply.text)
+            if len(replies[held[slot]]) == 2:
+                del held[slot]
+        if slot not in held:
+            if not queue:
+                return None
+            held[slot] = queue.pop(0)
+        started.append((slot, held[slot]))
+        return messages(held[slot], replies[held[slot]]), params[held[slot]]
+
+    list(small_model.generate_continuous(requests, slots=2))
+    assert replies == alone
+    assert started[:4] == [(0, 0), (1, 1), (0, 0), (0, 2)]  # conversation 2 took slot 0 while 1 decoded
+
+    queue, held, replies = [0, 1, 2], {}, {k: [] for k in range(3)}
+    steps = small_model.generate_continuous(requests, slots=2)
+    for _ in range(5):  # conversation 0 is on its follow-up
+        next(steps)
+    steps.close()
+    assert small_model.generate_batch([messages(1, [])], [params[1]])[0].text == alone[1][0]

@@ -23,6 +23,9 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
 
 
+Request = tuple[list[Message], SamplingParams]  # a conversation to complete, and how to sample its reply
+
+
 @dataclass
 class Chunk:
     """A piece of streamed output. Counts are running totals where the backend knows them (a

@@ -3,9 +3,10 @@ HF folder, or a hub id when a hub is reachable. CPU by default, GPU when present
 
 Decoding is a hand-written loop over one persistent batch KV cache: consecutive agent steps,
 samples of the same problem and problems of the same task reuse their shared prompt prefix instead
-of re-encoding it, and `generate_batch` decodes several conversations in one batch. Measured
-choices (benchmarks/results.md): fp32 with weights laid out for one-token matmuls, KV buffers
-written in place, top-p sampling without a full sort, intra-op threads picked by measurement.
+of re-encoding it, `generate_batch` decodes several conversations in one batch, and
+`generate_continuous` keeps a batch busy, a row taking its next prompt the moment its reply ends.
+Measured choices (benchmarks/results.md): fp32 with weights laid out for one-token matmuls, KV
+buffers written in place, top-p sampling without a full sort, intra-op threads picked by measurement.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from typing import Callable, Iterator
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
-from fcapp.models.base import Chunk, Completion, Message, ModelError, SamplingParams
+from fcapp.models.base import Chunk, Completion, Message, ModelError, Request, SamplingParams
 
 EMBEDDED = "smollm2"
 EMBEDDED_ID = "SmolLM2-135M-Instruct"
@@ -206,6 +207,21 @@ class _GrowingLayer(DynamicLayer):
         self._store(source.keys.index_select(0, rows).gather(2, index),
                     source.values.index_select(0, rows).gather(2, index), room=256)
 
+    def put(self, rows: list[int], source: "_GrowingLayer", width: int) -> None:
+        """Write `source`'s rows over rows `rows`, right-aligned to `width` columns. A narrower layer
+        grows to `width` first, its new columns zeros (masked holes for the other rows)."""
+        assert self._k is not None and self._v is not None and source._k is not None
+        if width > self.length:
+            if width > self._k.shape[-2]:
+                self._store(self.keys, self.values, room=max(256, self.length) + width - self.length)
+            self._k[:, :, self.length:width] = 0
+            self._v[:, :, self.length:width] = 0
+            self.length = width
+            self._publish()
+        for j, row in enumerate(rows):
+            self._k[row, :, width - source.length:width] = source.keys[j]
+            self._v[row, :, width - source.length:width] = source.values[j]
+
     def join(self, parts: list[tuple["_GrowingLayer", int]], width: int) -> None:
         """Become the rows of `parts` ((layer, its row count) pairs) stacked, each right-aligned to
         `width` columns; the columns on the left of a narrower part are zeros (masked holes)."""
@@ -286,6 +302,23 @@ class _KVState:
         packed.tokens = [self.tokens[s][:n] for s, n in zip(sources, lengths)]
         packed.where = [list(range(width - n, width)) for n in lengths]
         return packed
+
+    def put(self, targets: list[int], source: "_KVState") -> None:
+        """Replace rows `targets` by `source`'s rows, in place, right-aligned to the wider of the two
+        states: the replaced rows' old columns become holes, and where `source` is wider the other
+        rows get masked holes on the right."""
+        width = max(self.width, source.width)
+        shift = width - source.width
+        valid = torch.zeros(len(self.tokens), width, dtype=torch.bool)
+        valid[:, :self.width] = self.valid
+        for j, row in enumerate(targets):
+            valid[row] = False
+            valid[row, shift:] = source.valid[j]
+            self.tokens[row] = list(source.tokens[j])
+            self.where[row] = [column + shift for column in source.where[j]]
+        self.valid = valid
+        for mine, theirs in zip(self.cache.layers, source.cache.layers):
+            mine.put(targets, theirs, width)
 
     @staticmethod
     def joined(states: list["_KVState"]) -> "_KVState":
@@ -384,6 +417,7 @@ class _Row:
         self.params = params
         self.generator = torch.Generator().manual_seed(params.seed)
         self.prompt_tokens = prompt_tokens
+        self.began = time.perf_counter()
         self.generated: list[int] = []
         self.text = ""
         self.delta = ""
@@ -395,14 +429,19 @@ class _Row:
         return bool(self.stop_reason)
 
 
+Refill = Callable[[int, _Row], tuple[list[int], SamplingParams] | None]
+"""Given a finished row (its index and state), the prompt and params that row goes on with, or None."""
+
+
 class LocalModel:
     """ChatModel over a transformers causal LM. One generation at a time per instance (a lock).
 
     Decoding is a hand-written loop over one persistent batch KV cache, so consecutive agent steps,
     samples of the same problem and problems of the same task reuse their shared prompt prefix
-    instead of re-encoding it; `generate_batch` decodes several conversations together. On CPU in
-    fp32 the Linear weights are stored transposed for speed (same shapes and values): save a model
-    from its folder, not from `.model`."""
+    instead of re-encoding it; `generate_batch` decodes several conversations together and
+    `generate_continuous` streams conversations through a batch of slots. On CPU in fp32 the Linear
+    weights are stored transposed for speed (same shapes and values): save a model from its folder,
+    not from `.model`."""
 
     def __init__(self, spec: str | None = None, device: str | None = None, dtype: str = "float32",
                  prefix_cache: bool = True, threads: int | None = None) -> None:
@@ -507,22 +546,24 @@ class LocalModel:
         return int(order[keep][_draw(top[keep], generator)])
 
     def _decode(self, prompts: list[list[int]], params: list[SamplingParams],
-                stop_when: Callable[[int, str], bool] | None) -> Iterator[list[_Row]]:
+                stop_when: Callable[[int, str], bool] | None, refill: Refill | None = None) -> Iterator[list[_Row]]:
         """Decode all rows together, yielding them after every token (each row's `delta` is its new
-        text). A sampled token is fed to the model only when its row goes on, so closing this
+        text). With `refill`, a row whose reply ended is offered to it at once: a (prompt, params) it
+        returns replaces the row inside the running decode (continuous batching), None leaves the row
+        finished. A sampled token is fed to the model only when its row goes on, so closing this
         iterator between steps leaves the cache consistent."""
-        began = time.perf_counter()
         rows = [_Row(p, len(ids)) for p, ids in zip(params, prompts)]
         live = list(range(len(rows)))  # the row each cache row holds
         restore = torch.get_num_threads()
-        encoded = self.stats.encoded_tokens
         try:
-            threads = self._threads("prefill")
-            logits, seconds = self._timed("prefill", threads, lambda: self._prefill(prompts),
-                                          lambda: self.stats.encoded_tokens - encoded)
-            self.stats.prefill_s += seconds
+            logits = self._encoding_pass(lambda: self._prefill(prompts))
             while True:
-                self._pick(logits, [(i, rows[i]) for i in live], stop_when, began)
+                ended = self._pick(logits, [(i, rows[i]) for i in live], stop_when)
+                starts: dict[int, list[int]] = {}
+                for i in ended if refill else []:
+                    request = refill(i, rows[i])
+                    if request is not None:
+                        starts[i], rows[i] = request[0], _Row(request[1], len(request[0]))
                 yield rows
                 if all(row.done for row in rows):
                     return
@@ -530,14 +571,51 @@ class LocalModel:
                 if len(running) <= len(live) // 2:  # half the batch is idle: set those rows aside
                     live = [live[j] for j in running]
                     self._set_aside(running)
-                feed = [[] if rows[i].done else rows[i].generated[-1:] for i in live]
-                threads = self._threads("decode")
-                logits, seconds = self._timed("decode", threads, lambda: self._state.feed(self.model, feed, self.pad_id),
-                                              lambda: 1)
-                self.stats.decode_steps += 1
-                self.stats.decode_s += seconds
+                decoding = [not rows[i].done and i not in starts for i in live]
+                if any(decoding):
+                    logits = self._step([rows[i].generated[-1:] if on else [] for i, on in zip(live, decoding)])
+                if starts:
+                    targets = [live.index(i) for i in starts]
+                    started = self._encoding_pass(lambda: self._start_rows(targets, list(starts.values())))
+                    if not any(decoding):
+                        logits = started.new_zeros(len(live), started.shape[-1])
+                    logits[targets] = started
         finally:
             torch.set_num_threads(restore)
+
+    def _encoding_pass(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """Run a pass that encodes prompts (`_prefill`, `_start_rows`), timed per token encoded."""
+        encoded = self.stats.encoded_tokens
+        threads = self._threads("prefill")
+        logits, seconds = self._timed("prefill", threads, run, lambda: self.stats.encoded_tokens - encoded)
+        self.stats.prefill_s += seconds
+        return logits
+
+    def _step(self, feed: list[list[int]]) -> torch.Tensor:
+        """One decode pass: each cache row's next token (or nothing: a masked pad); logits per row."""
+        threads = self._threads("decode")
+        logits, seconds = self._timed("decode", threads, lambda: self._state.feed(self.model, feed, self.pad_id),
+                                      lambda: 1)
+        self.stats.decode_steps += 1
+        self.stats.decode_s += seconds
+        return logits
+
+    def _start_rows(self, targets: list[int], prompts: list[list[int]]) -> torch.Tensor:
+        """Replace cache rows `targets` by rows of `prompts`, each reusing the longest prefix any cache
+        row holds (an agent's next prompt: its own last prompt and reply); their logits. Only these
+        rows go through the model, so their new tokens cost no padding in the other rows. The cache
+        is repacked once its holes (replaced rows' old columns) waste a quarter of it."""
+        state = self._state
+        matches = [state.match(p[:-1]) if self.prefix_cache else (0, 0) for p in prompts]
+        added = state.rows([row for row, _ in matches], [n for _, n in matches])
+        logits = added.feed(self.model, [p[n:] for p, (_, n) in zip(prompts, matches)], self.pad_id)
+        self.stats.prompt_tokens += sum(map(len, prompts))
+        self.stats.encoded_tokens += sum(len(p) - n for p, (_, n) in zip(prompts, matches))
+        state.put(targets, added)
+        lengths = [len(tokens) for tokens in state.tokens]
+        if sum(lengths) < 0.75 * len(lengths) * state.width:
+            self._state = state.rows(list(range(len(lengths))), lengths)
+        return logits
 
     def _set_aside(self, running: list[int]) -> None:
         """Keep decoding only the cache rows `running`; park the others (their prefixes stay reusable).
@@ -548,10 +626,11 @@ class LocalModel:
         self._state = state.rows(running, [lengths[j] for j in running])
 
     def _pick(self, logits: torch.Tensor, rows: list[tuple[int, _Row]],
-              stop_when: Callable[[int, str], bool] | None, began: float) -> None:
+              stop_when: Callable[[int, str], bool] | None) -> list[int]:
         """Sample each running row's next token (logits row j belongs to rows[j]) and apply its stop
-        rules; stop_when gets the row's index in the request."""
+        rules; stop_when gets the row's index in the request. The indices of the rows that stopped."""
         greedy = logits.argmax(-1).tolist()
+        ended = []
         for j, (i, row) in enumerate(rows):
             row.delta = ""
             if row.done:
@@ -573,7 +652,9 @@ class LocalModel:
                 elif len(row.generated) >= row.params.max_new_tokens:
                     row.stop_reason = "length"
             if row.done:
-                row.elapsed_s = time.perf_counter() - began
+                row.elapsed_s = time.perf_counter() - row.began
+                ended.append(i)
+        return ended
 
     def stream(self, messages: list[Message], tools: list[dict] | None = None,
                params: SamplingParams | None = None) -> Iterator[Chunk]:
@@ -610,6 +691,33 @@ class LocalModel:
             prompts = [self.encode(messages) for messages in conversations]
             *_, rows = self._decode(prompts, params, stop_when)
         return [RowCompletion(r.text, r.prompt_tokens, len(r.generated), r.elapsed_s, r.stop_reason) for r in rows]
+
+    def generate_continuous(self, requests: Callable[[int, RowCompletion | None], Request | None], slots: int,
+                            stop_when: Callable[[int, str], bool] | None = None) -> Iterator[None]:
+        """Continuous batching: decode up to `slots` conversations together, a slot taking its next
+        conversation the moment its reply ends, inside the running decode, instead of waiting for the
+        batch's longest reply. `requests(slot, reply)` gives a slot's next (conversation, params), or
+        None to leave it empty: first with reply None (slots 0, 1, ... until it gives None), then with
+        each reply the slot produced. A new prompt reuses the longest cached prefix (an agent's next
+        step: its own prompt and reply so far) and is encoded in a pass of the starting rows alone.
+        Stop rules (stop_when gets the slot) and per-row seeding as in `generate_batch`. Yields after
+        every token so the caller can act between steps; closing the iterator stops at once; ends
+        when every slot is empty."""
+        with self.lock, torch.inference_mode():
+            first: list[Request] = []
+            while len(first) < slots and (request := requests(len(first), None)) is not None:
+                first.append(request)
+            if not first:
+                return
+
+            def refill(slot: int, row: _Row) -> tuple[list[int], SamplingParams] | None:
+                reply = RowCompletion(row.text, row.prompt_tokens, len(row.generated), row.elapsed_s, row.stop_reason)
+                request = requests(slot, reply)
+                return None if request is None else (self.encode(request[0]), request[1])
+
+            prompts = [self.encode(messages) for messages, _ in first]
+            for _ in self._decode(prompts, [params for _, params in first], stop_when, refill):
+                yield
 
 
 def load_model(spec: str | None = None, **kwargs) -> "LocalModel":

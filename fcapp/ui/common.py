@@ -3,7 +3,6 @@ choice lists. No tab logic lives here beyond formatting; every action is a libra
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import threading
