@@ -97,3 +97,58 @@ def test_continuous_batching_equals_decoding_alone_and_can_stop_mid_decode(small
         next(steps)
     steps.close()
     assert small_model.generate_batch([messages(1, [])], [params[1]])[0].text == alone[1][0]
+
+
+def test_decoding_on_two_threads_gives_the_same_chains_as_on_one():
+    """Two threads take the split-reduction matmul (`_few_rows_forward`); one thread the plain one."""
+    from fcapp.models.local import LocalModel
+
+    task = get_task("gsm8k")
+    problems = [task.get("gsm8k-1"), task.get("gsm8k-6")]
+    chains = {}
+    for threads in (1, 2):
+        model = LocalModel(threads=threads)
+        chains[threads] = [record(solve(task, p, model, GREEDY)) for p in problems]
+    assert chains[1] == chains[2]
+
+
+def test_the_split_reduction_matmul_equals_the_plain_one():
+    import torch
+
+    from fcapp.models.local import _lay_out_for_decode
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 1536, bias=True)
+    inputs = {rows: torch.randn(rows, 576) for rows in (1, 3, 40)}
+    plain = {rows: layer(x) for rows, x in inputs.items()}
+    _lay_out_for_decode(layer)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for rows, x in inputs.items():
+                assert torch.allclose(layer(x), plain[rows], atol=1e-5), (threads, rows)
+            assert layer(inputs[1][None]).shape == (1, 1, 1536)  # leading dims kept
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_thread_chooser_keeps_the_cheaper_count_and_backs_off_a_hopeless_probe():
+    from fcapp.models.local import _ThreadChooser
+
+    chooser = _ThreadChooser(2)
+    costs = {1: 1.0, 2: 0.6}
+    for _ in range(40):
+        threads = chooser.next()
+        chooser.record(threads, costs[threads])
+    assert chooser.current == 2  # probed and switched
+    chooser = _ThreadChooser(2)
+    costs = {1: 1.0, 2: 50.0}
+    tried = []
+    for _ in range(600):
+        threads = chooser.next()
+        tried.append(threads)
+        chooser.record(threads, costs[threads])
+    assert chooser.current == 1
+    assert tried.count(2) == 2  # one-pass probes, the second only after the longest wait
+    assert tried.index(2, tried.index(2) + 1) - tried.index(2) > _ThreadChooser.LONGEST
