@@ -141,7 +141,7 @@ class _ThreadChooser:
         self.choices = sorted({1, max(1, most)})
         self.current = self.choices[0]
         self.period = 16
-        self.countdown = self.period
+        self.countdown = self.PROBE  # the first probe comes early: an idle machine gains from the start
         self.recent: list[float] = []  # costs of the last passes with the current count
         self.probe: list[float] = []   # costs of the probe's passes
 
