@@ -29,3 +29,5 @@ test-slow: $(INSTALLED) browser
 
 bench: $(INSTALLED)
 	$(PY) -m benchmarks
+	$(PY) -m benchmarks.teacher
+	$(PY) -m benchmarks.dpo
