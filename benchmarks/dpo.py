@@ -16,8 +16,8 @@ temporary store.
   alone (whole run, including the save at the end); the launcher also reads the worker's VmHWM from
   /proc when each step is logged (peak during the steps).
 
-The two methods run one after the other, never together. About 9 minutes on the 2-core box with
-other jobs on it (load average ~4); less when it is idle.
+The two methods run one after the other, never together. About 2.5 minutes on the idle 2-core box,
+8.5 with other jobs taking about one of its cores.
 """
 
 from __future__ import annotations
