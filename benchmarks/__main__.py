@@ -12,17 +12,16 @@ import argparse
 import contextlib
 import dataclasses
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 import torch
 import transformers
 
+from benchmarks.report import Row, log, publish, table
+from benchmarks.report import machine as machine_basics
 from fcapp.agent import Chain
 from fcapp.batching import solve_batch
 from fcapp.models.base import Message
@@ -37,19 +36,6 @@ CHAIN = SolveConfig(max_steps=5, max_new_tokens=48)
 SAMPLES = [SolveConfig(4, 0.8, 0.95, 48, seed=k) for k in range(8)]
 DECODE = 48  # tokens per decode-rate measurement
 T = TypeVar("T")
-
-
-@dataclass
-class Row:
-    name: str
-    measured: str
-    value: str
-    target: str = ""
-    met: bool | None = None
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 def timed(run: Callable[[], object]) -> float:
@@ -80,19 +66,7 @@ def with_threads(threads: int, run: Callable[[], float]) -> float:
 
 # ---- the machine ----------------------------------------------------------------------------------
 def machine() -> dict[str, str]:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        lscpu = ""
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    return {
-        "cpu": fields.get("Model name", "unknown").strip(),
-        "cores": str(os.cpu_count()),
-        "avx512_bf16": "yes" if "avx512_bf16" in fields.get("Flags", "") else "no",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "load average at start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
-    }
+    return machine_basics() | {"torch": torch.__version__, "transformers": transformers.__version__}
 
 
 def read_bandwidth() -> float:
@@ -356,15 +330,9 @@ def bf16_rows(model: LocalModel, ids: list[int], chain: Chain, bandwidth: float,
 
 
 def render(info: dict[str, str], rows: list[Row]) -> str:
-    lines = ["# Benchmark results", "", "Produced by `python -m benchmarks`; benchmarks/README.md says what each row "
-             "measures and what was adopted. On a shared machine the absolute numbers move with its load (below); "
-             "each ratio compares two measurements taken in turns.", ""]
-    lines += [f"- {key}: {value}" for key, value in info.items()]
-    lines += ["", "| benchmark | measured | ratio | target | met |", "|---|---|---|---|---|"]
-    for row in rows:
-        met = "" if row.met is None else ("yes" if row.met else "**no**")
-        lines.append(f"| {row.name} | {row.measured} | {row.value} | {row.target} | {met} |")
-    return "\n".join(lines) + "\n"
+    return table("Benchmark results", "Produced by `python -m benchmarks`; benchmarks/README.md says what each row "
+                 "measures and what was adopted. On a shared machine the absolute numbers move with its load "
+                 "(below); each ratio compares two measurements taken in turns.", info, rows)
 
 
 def main() -> None:
@@ -373,12 +341,7 @@ def main() -> None:
     args = parser.parse_args()
     began = time.time()
     info, rows = run()
-    info["benchmark wall time"] = f"{time.time() - began:.0f} s"
-    report = render(info, rows)
-    print(report)
-    if not args.no_write:
-        RESULTS.write_text(report)
-        log(f"written to {RESULTS}")
+    publish(began, info, lambda info: render(info, rows), RESULTS, not args.no_write)
 
 
 if __name__ == "__main__":

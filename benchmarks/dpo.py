@@ -36,16 +36,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks.report import log, publish
+from benchmarks.report import machine as machine_basics
+
 RESULTS = Path(__file__).with_name("dpo_results.md")
 TASK = "gsm8k"
 METHODS = ("lora", "full")
 STEPS = 3  # optimizer steps per method: 1 warm-up + 2 timed
 GRAD_ACCUM = 1  # 2 pairs per step; TrainConfig's default 2 x 2 takes twice as long a step, with one optimizer update per 4 pairs
 GB = 1e9
-
-
-def log(message: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 # ---- the pairs ------------------------------------------------------------------------------------
@@ -234,23 +233,15 @@ def machine() -> dict[str, str]:
     import trl
 
     try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-    except OSError:
-        lscpu = ""
-    fields = dict(line.split(":", 1) for line in lscpu.splitlines() if ":" in line)
-    try:
         import peft
         peft_version = peft.__version__
     except ImportError:
         peft_version = "not installed"
-    return {
-        "cpu": fields.get("Model name", "unknown").strip(),
-        "cores": str(os.cpu_count()),
+    return machine_basics() | {
         "torch threads (worker default)": str(torch.get_num_threads()),
         "memory": f"{os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / GB:.1f} GB",
         "torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
         "peft": peft_version,
-        "load average at start": " ".join(f"{x:.1f}" for x in os.getloadavg()),
     }
 
 
@@ -377,12 +368,7 @@ def main() -> None:
         parser.error("--steps must be at least 2 (the first step is the warm-up); --grad-accum and --rounds at least 1")
     began = time.time()
     info, notes, results = run(args.steps, args.grad_accum, args.rounds)
-    info["benchmark wall time"] = f"{time.time() - began:.0f} s"
-    report = render(info, notes, results)
-    print(report)
-    if not args.no_write:
-        RESULTS.write_text(report)
-        log(f"written to {RESULTS}")
+    publish(began, info, lambda info: render(info, notes, results), RESULTS, not args.no_write)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from benchmarks.__main__ import Row, log, machine
+from benchmarks.__main__ import machine
+from benchmarks.report import Row, log, publish, table
 from fcapp.agent import Chain
 from fcapp.generate import GenerateConfig, generate
 from fcapp.models import get_model
@@ -127,16 +128,10 @@ def run() -> tuple[dict[str, str], list[Row]]:
 
 
 def render(info: dict[str, str], rows: list[Row]) -> str:
-    lines = ["# Teacher generation over HTTP: concurrency 4 vs 1", "",
-             "Produced by `python -m benchmarks.teacher` (benchmarks/README.md says what it measures): "
-             f"`generate()` with an HTTP teacher against `fcapp serve` on 127.0.0.1; problems {TASKS}, {SETTINGS}. "
-             "Runs taken in turns; the faster of each counts, and `all` sums them.", ""]
-    lines += [f"- {key}: {value}" for key, value in info.items()]
-    lines += ["", "| benchmark | measured | ratio | target | met |", "|---|---|---|---|---|"]
-    for row in rows:
-        met = "" if row.met is None else ("yes" if row.met else "**no**")
-        lines.append(f"| {row.name} | {row.measured} | {row.value} | {row.target} | {met} |")
-    return "\n".join(lines) + "\n"
+    return table("Teacher generation over HTTP: concurrency 4 vs 1",
+                 "Produced by `python -m benchmarks.teacher` (benchmarks/README.md says what it measures): "
+                 f"`generate()` with an HTTP teacher against `fcapp serve` on 127.0.0.1; problems {TASKS}, "
+                 f"{SETTINGS}. Runs taken in turns; the faster of each counts, and `all` sums them.", info, rows)
 
 
 def main() -> None:
@@ -145,12 +140,7 @@ def main() -> None:
     args = parser.parse_args()
     began = time.time()
     info, rows = run()
-    info["benchmark wall time"] = f"{time.time() - began:.0f} s"
-    report = render(info, rows)
-    print(report)
-    if not args.no_write:
-        RESULTS.write_text(report)
-        log(f"written to {RESULTS}")
+    publish(began, info, lambda info: render(info, rows), RESULTS, not args.no_write)
 
 
 if __name__ == "__main__":
