@@ -518,9 +518,12 @@ def _wait_for_temporary_file(folder: Path, deadline_s: float = 60) -> None:
     deadline = time.monotonic() + deadline_s
     while time.monotonic() < deadline:
         for entry in os.scandir(folder):
-            if (entry.name.startswith(".pairs.jsonl.") and not entry.name.startswith(".pairs.jsonl.card.md.")
-                    and entry.stat().st_size > 0):
-                return
+            try:
+                if (entry.name.startswith(".pairs.jsonl.") and not entry.name.startswith(".pairs.jsonl.card.md.")
+                        and entry.stat().st_size > 0):
+                    return
+            except FileNotFoundError:  # renamed into place between the listing and the stat
+                continue
     pytest.fail("the exporter never started writing")
 
 
