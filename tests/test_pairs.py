@@ -95,3 +95,17 @@ def test_a_broken_pair_file_names_the_line_and_changes_nothing(store, tmp_path, 
     with pytest.raises(ProblemFileError, match=rf"broken.jsonl:2: .*{message}"):
         import_pairs(path, store)
     assert store.list_pairs(policy="imported") == []
+
+
+def test_an_export_trains_one_real_dpo_step_unchanged(store, tmp_path, monkeypatch):
+    """What `fcapp pairs` writes is what the DPO worker (TRL's DPOTrainer) trains on, as it is."""
+    from fcapp.train import TrainConfig, start_training
+
+    monkeypatch.setenv("FCAPP_HOME", str(tmp_path / "home"))
+    make_pairs(store, "gsm8k", tmp_path / "pairs.jsonl")
+    job = start_training(TrainConfig(pairs=str(tmp_path / "pairs.jsonl"), name="from-export", batch_size=2,
+                                     grad_accum=1, max_length=1024, max_steps=1))
+    status = job.wait(timeout=900)
+    assert status["status"] == "finished", (status, (job.out / "worker.log").read_text()[-3000:])
+    [step] = job.read_log()
+    assert step["stage"] == "dpo" and step["loss"] == pytest.approx(0.6931, abs=1e-3)
