@@ -146,7 +146,7 @@ def generate(
 
 def _run_batched(task: Task, jobs: list[Job], config: GenerateConfig, model: ChatModel,
                  stop: threading.Event) -> Iterator[tuple[Job, Chain | BaseException]]:
-    """Yield (job, chain or exception) as each finishes, chains advancing in lockstep batches."""
+    """Yield (job, chain or exception) as each finishes, several chains decoded together (continuous batching)."""
     work = [(job.problem, config.solve_config(job.sample)) for job in jobs]
     batch = max(1, config.batch_size or config.samples)
     for index, outcome in iter_solve_batch(task, work, model, batch, stop):  # type: ignore[arg-type]

@@ -150,10 +150,18 @@ def open_tab(page, name: str) -> None:
 
 
 def set_number(page, elem_id: str, value: str) -> None:
-    """A number box, or a slider's number box."""
+    """A number box, or a slider's number box. Typed again if the value did not stick: a box that
+    Gradio re-renders right after it appears (an accordion just opened, the page's load events
+    finishing) can drop what was typed into it a moment before (seen once in CI: it stayed 0)."""
     box = page.locator(f"#{elem_id} input[type=number]").first
-    box.fill(value)
-    box.press("Enter")
+    for _ in range(3):
+        box.fill(value)
+        box.press("Enter")
+        try:
+            expect(box).to_have_value(value, timeout=2_000)
+            return
+        except AssertionError:
+            page.wait_for_timeout(500)
     expect(box).to_have_value(value)
 
 
