@@ -15,7 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from fcapp.tools.worker import POOL, WorkerError
+from fcapp.tools.worker import EXPECTED_FAILURES, POOL, WorkerError
 
 # Every argument string a model sends is capped: tools never see megabyte inputs.
 MAX_ARGUMENT_CHARS = 4000
@@ -87,7 +87,7 @@ class Tool:
             raise
         except WorkerError as exc:
             raise ToolError(str(exc) if exc.tool_error else f"{self.name} failed: {exc}") from None
-        except (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError) as exc:
+        except EXPECTED_FAILURES as exc:
             raise ToolError(f"{self.name} failed: {str(exc) or type(exc).__name__}") from None  # some have no message
         text = result if isinstance(result, str) else json.dumps(result, ensure_ascii=False, default=str)
         if len(text) > MAX_RESULT_CHARS:

@@ -22,9 +22,9 @@ import threading
 from typing import Any, Callable
 
 MEMORY_LIMIT_BYTES = 2 * 2**30  # address space of a worker: a runaway expansion fails, the app does not
-# What a failed call reports: ToolError's message as it is; these as "<tool> failed: ..."; others too,
-# but named, since a built-in tool should not raise them.
-_EXPECTED = (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError)
+# How a tool fails on bad input besides ToolError, in a worker or not: reported as "<tool> failed: ...".
+# A worker reports any other exception too (named), since a built-in tool should not raise it.
+EXPECTED_FAILURES = (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError)
 
 
 class WorkerError(Exception):
@@ -33,11 +33,6 @@ class WorkerError(Exception):
     def __init__(self, message: str, tool_error: bool) -> None:
         super().__init__(message)
         self.tool_error = tool_error
-
-
-def function_ref(fn: Callable[..., Any]) -> str:
-    """`module:qualname` of a module-level function (what a worker imports)."""
-    return f"{fn.__module__}:{fn.__qualname__}"
 
 
 class _Worker:
@@ -84,7 +79,7 @@ class WorkerPool:
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         worker = worker if worker and worker.process.poll() is None else _Worker()
-        reply = worker.call(function_ref(fn), arguments, timeout_s)
+        reply = worker.call(f"{fn.__module__}:{fn.__qualname__}", arguments, timeout_s)  # what the worker imports
         if reply is None:
             worker.kill()
             raise TimeoutError
@@ -93,12 +88,6 @@ class WorkerPool:
         if "error" in reply:
             raise WorkerError(reply["error"], reply["tool_error"])
         return reply["result"]
-
-    def close(self) -> None:
-        with self._lock:
-            workers, self._idle = self._idle, []
-        for worker in workers:
-            worker.kill()
 
 
 POOL = WorkerPool()
@@ -114,7 +103,7 @@ def _run(request: dict[str, Any]) -> dict[str, Any]:
         return {"result": fn(**request["args"])}
     except ToolError as exc:
         return {"error": str(exc), "tool_error": True}
-    except _EXPECTED as exc:
+    except EXPECTED_FAILURES as exc:
         return {"error": str(exc) or type(exc).__name__, "tool_error": False}
     except Exception as exc:  # noqa: BLE001 - reported, the worker lives on
         return {"error": f"{type(exc).__name__}: {exc}", "tool_error": False}
