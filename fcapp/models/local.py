@@ -135,12 +135,12 @@ class _ThreadChooser:
     other at every layer when another job holds a core: ~50x slower passes)."""
 
     PROBE = 2
-    LONGEST = 512  # passes between probes, at most
+    SHORTEST, LONGEST = 16, 512  # passes between probes
 
     def __init__(self, most: int) -> None:
         self.choices = sorted({1, max(1, most)})
         self.current = self.choices[0]
-        self.period = 16
+        self.period = self.SHORTEST
         self.countdown = self.PROBE  # the first probe comes early: an idle machine gains from the start
         self.recent: list[float] = []  # costs of the last passes with the current count
         self.probe: list[float] = []   # costs of the probe's passes
@@ -162,7 +162,7 @@ class _ThreadChooser:
         if len(self.probe) < self.PROBE and not hopeless:
             return
         if not hopeless and sum(self.probe) < 0.9 * sum(self.recent):
-            self.current, self.period, self.recent = threads, 16, self.probe
+            self.current, self.period, self.recent = threads, self.SHORTEST, self.probe
         else:
             self.period = self.LONGEST if hopeless else min(2 * self.period, self.LONGEST)
         self.probe, self.countdown = [], self.period
@@ -451,6 +451,9 @@ class _Row:
     def done(self) -> bool:
         return bool(self.stop_reason)
 
+    def completion(self) -> "RowCompletion":
+        return RowCompletion(self.text, self.prompt_tokens, len(self.generated), self.elapsed_s, self.stop_reason)
+
 
 Refill = Callable[[int, _Row], tuple[list[int], SamplingParams] | None]
 """Given a finished row (its index and state), the prompt and params that row goes on with, or None."""
@@ -713,7 +716,7 @@ class LocalModel:
         with self.lock, torch.inference_mode():
             prompts = [self.encode(messages) for messages in conversations]
             *_, rows = self._decode(prompts, params, stop_when)
-        return [RowCompletion(r.text, r.prompt_tokens, len(r.generated), r.elapsed_s, r.stop_reason) for r in rows]
+        return [row.completion() for row in rows]
 
     def generate_continuous(self, requests: Callable[[int, RowCompletion | None], Request | None], slots: int,
                             stop_when: Callable[[int, str], bool] | None = None) -> Iterator[None]:
@@ -734,8 +737,7 @@ class LocalModel:
                 return
 
             def refill(slot: int, row: _Row) -> tuple[list[int], SamplingParams] | None:
-                reply = RowCompletion(row.text, row.prompt_tokens, len(row.generated), row.elapsed_s, row.stop_reason)
-                request = requests(slot, reply)
+                request = requests(slot, row.completion())
                 return None if request is None else (self.encode(request[0]), request[1])
 
             prompts = [self.encode(messages) for messages, _ in first]
