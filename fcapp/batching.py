@@ -20,6 +20,7 @@ from fcapp.models.base import Completion, Request
 from fcapp.solve import SolveConfig, finish, start_chain
 from fcapp.tasks.base import Problem, Task
 
+
 class BatchModel(Protocol):
     """What batched solving needs from a model (LocalModel has it): see
     `LocalModel.generate_continuous` for the contract."""

@@ -10,8 +10,8 @@ import gradio as gr
 
 from fcapp.generate import GenerateConfig, generate
 from fcapp.pairs import PairPolicy, import_pairs, make_pairs
-from fcapp.solve import edit_final_answer
 from fcapp.paths import data_dir
+from fcapp.solve import edit_final_answer
 from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, chatbot, default_task,
                              get_model, model_choices, safe_upload, short, task_choices)
 
