@@ -8,7 +8,6 @@ timing is the best of two tries, taken in turns with what it is compared to. 5-8
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import os
@@ -20,7 +19,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import transformers
 
-from benchmarks.report import Row, log, publish, table
+from benchmarks.report import Row, command, log, table
 from benchmarks.report import machine as machine_basics
 from fcapp.agent import Chain
 from fcapp.batching import solve_batch
@@ -335,14 +334,5 @@ def render(info: dict[str, str], rows: list[Row]) -> str:
                  "(below); each ratio compares two measurements taken in turns.", info, rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--no-write", action="store_true", help="print only; leave benchmarks/results.md as it is")
-    args = parser.parse_args()
-    began = time.time()
-    info, rows = run()
-    publish(began, info, lambda info: render(info, rows), RESULTS, not args.no_write)
-
-
 if __name__ == "__main__":
-    main()
+    command("python -m benchmarks", __doc__.splitlines()[0], RESULTS, run, render)

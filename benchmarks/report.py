@@ -4,6 +4,7 @@ processes import it and their own memory is measured."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
@@ -51,6 +52,17 @@ def table(title: str, intro: str, info: dict[str, str], rows: list[Row]) -> str:
         met = "" if row.met is None else ("yes" if row.met else "**no**")
         lines.append(f"| {row.name} | {row.measured} | {row.value} | {row.target} | {met} |")
     return "\n".join(lines) + "\n"
+
+
+def command(prog: str, description: str, path: Path, run: Callable[[], tuple[dict[str, str], list[Row]]],
+            render: Callable[[dict[str, str], list[Row]], str]) -> None:
+    """The command line of a benchmark whose only option is --no-write: run it, then publish."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {path.name} as it is")
+    args = parser.parse_args()
+    began = time.time()
+    info, rows = run()
+    publish(began, info, lambda info: render(info, rows), path, not args.no_write)
 
 
 def publish(began: float, info: dict[str, str], render: Callable[[dict[str, str]], str], path: Path,

@@ -11,7 +11,6 @@ fresh SQLite store and a cold prefix cache for every run, on GSM8K and FOL probl
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from benchmarks.__main__ import machine
-from benchmarks.report import Row, log, publish, table
+from benchmarks.report import Row, command, log, table
 from fcapp.agent import Chain
 from fcapp.generate import GenerateConfig, generate
 from fcapp.models import get_model
@@ -134,14 +133,5 @@ def render(info: dict[str, str], rows: list[Row]) -> str:
                  f"{SETTINGS}. Runs taken in turns; the faster of each counts, and `all` sums them.", info, rows)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.teacher", description=__doc__.splitlines()[0])
-    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS.name} as it is")
-    args = parser.parse_args()
-    began = time.time()
-    info, rows = run()
-    publish(began, info, lambda info: render(info, rows), RESULTS, not args.no_write)
-
-
 if __name__ == "__main__":
-    main()
+    command("python -m benchmarks.teacher", __doc__.splitlines()[0], RESULTS, run, render)
