@@ -21,10 +21,10 @@ import transformers
 
 from benchmarks.report import Row, command, log, table
 from benchmarks.report import machine as machine_basics
-from fcapp.agent import Chain
 from fcapp.batching import solve_batch
 from fcapp.models.base import Message
 from fcapp.models.local import LocalModel, _lay_out_for_decode, convert_embedded, embedded_model_dir
+from fcapp.records import Chain
 from fcapp.solve import SolveConfig, solve, start_chain
 from fcapp.tasks import get_task
 from fcapp.tasks.base import Problem, Task

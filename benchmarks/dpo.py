@@ -52,7 +52,7 @@ def wrong_chain(task: Any, problem: Any, index: int) -> Any:
     """A verified-incorrect chain of the same agent and tools, shaped like a small model's mistakes:
     even problems stop one calculation early and answer the last result; odd ones do every
     calculation and then answer a slightly different number."""
-    from fcapp.agent import Call
+    from fcapp.records import Call
     from fcapp.solve import finish, start_chain
 
     calls = list(task.reference_calls(problem))

@@ -20,11 +20,11 @@ from typing import Iterator
 
 from benchmarks.__main__ import machine
 from benchmarks.report import Row, command, log, table
-from fcapp.agent import Chain
 from fcapp.generate import GenerateConfig, generate
 from fcapp.models import get_model
 from fcapp.models.base import Chunk, Message, SamplingParams
 from fcapp.models.local import LocalModel
+from fcapp.records import Chain
 from fcapp.serve import ServerThread, build_app
 from fcapp.store import Store
 

@@ -14,9 +14,10 @@ import threading
 from contextlib import closing
 from typing import Callable, Iterator, Protocol, Sequence
 
-from fcapp.agent import Agent, Chain
+from fcapp.agent import Agent
 from fcapp.calls import call_end
 from fcapp.models.base import Completion, Request
+from fcapp.records import Chain
 from fcapp.solve import SolveConfig, finish, start_chain
 from fcapp.tasks.base import Problem, Task
 

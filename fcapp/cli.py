@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Callable
 
-from fcapp.agent import Event
+from fcapp.records import Event
 
 
 def _print(text: str = "", end: str = "\n") -> None:

@@ -14,9 +14,9 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator
 
-from fcapp.agent import Chain
 from fcapp.batching import iter_solve_batch
 from fcapp.models.base import ChatModel
+from fcapp.records import Chain
 from fcapp.solve import SolveConfig, reference_chain, solve
 from fcapp.store import Store, chain_key
 from fcapp.tasks import get_task

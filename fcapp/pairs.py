@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fcapp.agent import Chain
+from fcapp.records import Chain
 from fcapp.store import Store
 from fcapp.tasks.base import ProblemFileError, read_jsonl
 

@@ -7,8 +7,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Iterator
 
-from fcapp.agent import FINAL_ANSWER, Agent, AgentConfig, Call, Chain, Event, Step, demonstration
+from fcapp.agent import Agent, AgentConfig, demonstration
 from fcapp.models.base import ChatModel, Message, SamplingParams
+from fcapp.records import FINAL_ANSWER, Call, Chain, Event, Step
 from fcapp.tasks.base import Problem, Task
 from fcapp.tools.base import render_call
 

@@ -25,8 +25,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from fcapp.agent import Chain
 from fcapp.paths import data_home
+from fcapp.records import Chain
 from fcapp.tasks.base import Problem
 
 DB_NAME = "fcapp.db"

@@ -24,8 +24,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from fcapp.agent import FINAL_ANSWER
 from fcapp.paths import data_home
+from fcapp.records import FINAL_ANSWER
 from fcapp.tasks.base import Problem, Task
 from fcapp.tools.base import Registry, SchemaError, Tool
 from fcapp.tools.sandbox import define_user_tool

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fcapp.agent import Call, Chain
+from fcapp.records import Call, Chain
 from fcapp.solve import finish, reference_chain, start_chain
 from fcapp.tasks import get_task
 

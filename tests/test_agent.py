@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from fcapp.agent import Agent, AgentConfig, Call, Chain, demonstration
+from fcapp.agent import Agent, AgentConfig, demonstration
 from fcapp.models.base import Chunk, SamplingParams
+from fcapp.records import Call, Chain
 from fcapp.tools.base import Registry, tool_from_function
 
 

@@ -33,8 +33,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fcapp.agent import FINAL_ANSWER, Agent, Step
+from fcapp.agent import Agent
 from fcapp.calls import CallParseError, ParsedCall, call_end, parse_call
+from fcapp.records import FINAL_ANSWER, Step
 from fcapp.tools.base import CALL_TIMEOUT_S, MAX_RESULT_CHARS, Registry, Tool, ToolError
 from fcapp.tools.logic import logic_toolkit
 from fcapp.tools.math import math_toolkit

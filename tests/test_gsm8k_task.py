@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fcapp.agent import FINAL_ANSWER, Agent, Call, demonstration
+from fcapp.agent import Agent, demonstration
+from fcapp.records import FINAL_ANSWER, Call
 from fcapp.tasks.base import Problem, ProblemFileError, split_of
 from fcapp.tasks.gsm8k import (
     DEMONSTRATION_ID,

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fcapp.agent import Agent, Call
+from fcapp.agent import Agent
+from fcapp.records import Call
 from fcapp.tools.base import ToolError
 from fcapp.tools.logic import (
     Atom, Binary, FormulaError, Not, Quantified, SolverUndecided, Term, constants, decide, logic_toolkit, parse,

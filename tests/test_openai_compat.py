@@ -13,10 +13,11 @@ from typing import Any, Iterator
 
 import pytest
 
-from fcapp.agent import Agent, AgentConfig, Call, demonstration
+from fcapp.agent import Agent, AgentConfig, demonstration
 from fcapp.models import get_model
 from fcapp.models.base import ModelError, SamplingParams, complete
 from fcapp.models.openai_compat import OpenAICompatModel
+from fcapp.records import Call
 from fcapp.serve import ServerThread, build_app
 from fcapp.tools.base import Registry, tool_from_function
 

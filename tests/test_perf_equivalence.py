@@ -8,9 +8,9 @@ the last bits. The chains, what the speed-ups must preserve, are identical."""
 
 from __future__ import annotations
 
-from fcapp.agent import Chain
 from fcapp.batching import solve_batch
 from fcapp.models.base import Completion, Message, SamplingParams
+from fcapp.records import Chain
 from fcapp.solve import SolveConfig, solve
 from fcapp.tasks import get_task
 

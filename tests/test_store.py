@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from fcapp.agent import Call, Chain, Step
+from fcapp.records import Call, Chain, Step
 from fcapp.store import (
     SCHEMA_VERSION,
     Store,

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Iterator, Protocol, runtime_checkable
 
-Message = dict[str, Any]
+from fcapp.records import Message
 
 
 class ModelError(RuntimeError):

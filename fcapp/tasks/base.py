@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcapp.agent import Call
+from fcapp.records import Call
 from fcapp.tools.base import Registry
 
 HELDOUT_FRACTION = 0.2

@@ -15,8 +15,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from fcapp.agent import FINAL_ANSWER, Call
 from fcapp.paths import data_dir
+from fcapp.records import FINAL_ANSWER, Call
 from fcapp.tasks.base import Problem, Task, read_jsonl, split_of
 from fcapp.tools import logic as logic_module
 from fcapp.tools.base import Registry, ToolError

@@ -15,8 +15,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from fcapp.agent import FINAL_ANSWER, Call
 from fcapp.paths import ASSETS
+from fcapp.records import FINAL_ANSWER, Call
 from fcapp.tasks.base import Problem, Task, read_jsonl
 from fcapp.tools.base import Registry
 from fcapp.tools.math import math_toolkit

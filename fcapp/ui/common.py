@@ -15,8 +15,8 @@ from typing import Any, Iterator
 
 import gradio as gr
 
-from fcapp.agent import FINAL_ANSWER, Chain, Event, Step
 from fcapp.paths import data_dir
+from fcapp.records import FINAL_ANSWER, Chain, Event, Step
 from fcapp.store import Store
 from fcapp.tools.base import render_call
 
