@@ -696,7 +696,7 @@ def test_exported_pairs_read_back_exactly_whatever_the_text(fuzz, tmp_path: Path
     """Chain text with any unicode (U+2028, U+0085, NUL, RTL marks ...) survives export + import
     (before the fix, a line separator inside a message split the JSONL line in two). Lone
     surrogates never reach a chain: the agent replaces them (see the next test)."""
-    from fcapp.pairs import export_pairs, load_pair_file
+    from fcapp.trainsets import export_pairs, load_pair_file
 
     safe_char = st.one_of(st.characters(exclude_categories=["Cs"]), st.sampled_from(["\u2028", "\u2029", "\x85", "\x0b", "\x0c", "\x1c", "\r",
                                                              "\n", "\x00", "\u202e", "\ufeff"]))
@@ -750,7 +750,7 @@ def test_problem_files_load_or_fail_naming_file_and_line(fuzz, tmp_path: Path) -
         path.write_text("\n".join(lines) + "\n", encoding="utf-8", errors="surrogatepass")
         with nothing_executes():
             try:
-                problems = tasks[index].load_file(path)
+                problems = tasks[index].load_file(path).problems
             except ProblemFileError as exc:
                 assert str(exc).startswith(f"{path}:"), str(exc)
             else:

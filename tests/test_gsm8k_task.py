@@ -262,12 +262,12 @@ def test_unseen_user_file_loads_and_its_references_verify(task: Gsm8kTask, tmp_p
     ]
     path = write_jsonl(tmp_path / "mine.jsonl", [json.dumps(r) for r in records[:2]] + ["", "  "]
                        + [json.dumps(r) for r in records[2:]])
-    problems = task.load_file(path)
+    problems = task.load_file(path).problems
     assert [p.answer for p in problems] == ["7500", "17", "-3", "2.5", "42"]
     assert problems[2].id == "mine-3"
     ids = [p.id for p in problems]
     assert len(set(ids)) == 5 and not set(ids) & {p.id for p in task.problems()}
-    assert task.load_file(path)[0].id == ids[0]  # stable across loads
+    assert task.load_file(path).problems[0].id == ids[0]  # stable across loads
     assert task.reference_calls(problems[4]) is None
     expressions = [c.arguments["expression"] for c in task.reference_calls(problems[0])[:-1]]
     assert expressions == ["1250*2", "2500*3"]
@@ -295,11 +295,11 @@ def test_bad_line_names_file_and_line(task: Gsm8kTask, tmp_path: Path, bad: str,
     good = json.dumps({"question": "What is 1+1?", "answer": "<<1+1=2>>2\n#### 2"})
     path = write_jsonl(tmp_path / "bad.jsonl", [good, "", bad, good])
     with pytest.raises(ProblemFileError) as info:
-        task.load_file(path)
+        task.load_file(path, strict=True)
     assert str(info.value).startswith(f"{path}:3:")
     assert message in str(info.value)
 
 
 def test_empty_file_is_an_error(task: Gsm8kTask, tmp_path: Path) -> None:
-    with pytest.raises(ProblemFileError, match="no problems"):
+    with pytest.raises(ProblemFileError, match="no rows in the file"):
         task.load_file(write_jsonl(tmp_path / "empty.jsonl", ["", " "]))

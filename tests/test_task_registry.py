@@ -19,7 +19,7 @@ HAS_FOL = importlib.util.find_spec("fcapp.tasks.fol") is not None
 
 
 def test_task_names() -> None:
-    assert task_names() == ["gsm8k", "fol", "folio"] == list(TASKS)
+    assert task_names() == ["gsm8k", "fol", "folio", "folio-fol"] == list(TASKS)
 
 
 def test_get_task_returns_one_cached_instance() -> None:
@@ -54,18 +54,22 @@ def test_load_problems_delegates_to_the_task(tmp_path: Path) -> None:
     rows = [{"question": "Tom has 3 apples and buys 4. How many now?", "answer": "3+4=<<3+4=7>>7\n#### 7"},
             {"id": "u2", "question": "Half of 1,000?", "answer": "<<1000/2=500>>500\n#### 500"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    problems = load_problems("gsm8k", path)
+    loaded = load_problems("gsm8k", path)
+    problems = loaded.problems
     assert all(isinstance(p, Problem) and p.task == "gsm8k" for p in problems)
     assert [(p.answer, p.question) for p in problems] == [("7", rows[0]["question"]), ("500", rows[1]["question"])]
-    assert problems[1].id == "u2"
-    assert problems == get_task("gsm8k").load_file(path)
+    assert problems[1].id == "u2" and loaded.skipped == []
+    assert problems == get_task("gsm8k").load_file(path).problems
 
 
 def test_load_problems_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "q?"}\n', encoding="utf-8")
     with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:2: missing field 'answer'"):
-        load_problems("gsm8k", path)
+        load_problems("gsm8k", path, strict=True)
+    path.write_text('{"question": "q?"}\n', encoding="utf-8")
+    with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}: no usable problems .*:1: missing field"):
+        load_problems("gsm8k", path)  # nothing usable is an error even when malformed rows are skipped
     with pytest.raises(ProblemFileError, match="cannot read"):
         load_problems("gsm8k", tmp_path / "absent.jsonl")
     with pytest.raises(KeyError, match="valid tasks"):

@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 from typing import Callable
 
-from fcapp.tasks.base import Problem, Task
+from fcapp.tasks.base import LoadedProblems, Task
 
 
 def _gsm8k() -> Task:
@@ -31,7 +31,13 @@ def _folio() -> Task:
     return FolioTask()
 
 
-TASKS: dict[str, Callable[[], Task]] = {"gsm8k": _gsm8k, "fol": _fol, "folio": _folio}
+def _folio_fol() -> Task:
+    from fcapp.tasks.fol import FolioFormulaTask
+
+    return FolioFormulaTask()
+
+
+TASKS: dict[str, Callable[[], Task]] = {"gsm8k": _gsm8k, "fol": _fol, "folio": _folio, "folio-fol": _folio_fol}
 
 
 def task_names() -> list[str]:
@@ -47,6 +53,7 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-def load_problems(task_name: str, path: str | Path) -> list[Problem]:
-    """Problems from a user JSONL file in `task_name`'s format (ProblemFileError names file and line)."""
-    return get_task(task_name).load_file(path)
+def load_problems(task_name: str, path: str | Path, strict: bool = False) -> LoadedProblems:
+    """Problems from a user JSONL file in `task_name`'s format: malformed rows are skipped and reported
+    (file:line: reason); `strict` makes the first one a ProblemFileError instead."""
+    return get_task(task_name).load_file(path, strict)

@@ -29,7 +29,8 @@ class Problem:
 
     @property
     def split(self) -> str:
-        return split_of(self.id)
+        """train or heldout, from a hash of the problem's group (meta["group"], e.g. a FOLIO story) or id."""
+        return split_of(str(self.meta.get("group") or self.id))
 
 
 def split_of(problem_id: str) -> str:
@@ -81,15 +82,36 @@ class Task(ABC):
             return problems[int(problem_id)]
         raise KeyError(f"task {self.name} has no problem {problem_id!r}")
 
-    def load_file(self, path: str | Path) -> list[Problem]:
-        """Problems from a user JSONL file in this task's format; errors name the file and line."""
-        problems = []
-        for line, record in read_jsonl(path):
+    def load_file(self, path: str | Path, strict: bool = False) -> "LoadedProblems":
+        """Problems from a JSONL file in this task's format. A malformed row (bad JSON, a missing field, FOL
+        that does not parse) is skipped and reported as "file:line: reason"; with `strict` the first one
+        raises ProblemFileError instead. A file with no usable row is an error either way."""
+        loaded = LoadedProblems(str(path), [], [])
+        rows, loaded.skipped = read_jsonl(path, strict)
+        for line, record in rows:
             try:
-                problems.append(self.parse_record(record, line))
+                loaded.problems.append(self.parse_record(record, line))
             except (ValueError, KeyError, TypeError) as exc:
-                raise ProblemFileError(f"{path}:{line}: {exc}") from None
-        return problems
+                if strict:
+                    raise ProblemFileError(f"{path}:{line}: {exc}") from None
+                loaded.skipped.append(f"{path}:{line}: {exc}")
+        if not loaded.problems:
+            shown = "; ".join(loaded.skipped[:3]) + (f" and {len(loaded.skipped) - 3} more" if len(loaded.skipped) > 3 else "")
+            raise ProblemFileError(f"{path}: no usable problems in the file ({shown})")
+        return loaded
+
+
+@dataclass
+class LoadedProblems:
+    """What a problem file gave: the problems, and each row left out with its file:line and reason."""
+
+    path: str
+    problems: list[Problem]
+    skipped: list[str]
+
+    def summary(self) -> str:
+        used = f"{self.path}: {len(self.problems)} problems used"
+        return used + (f", {len(self.skipped)} malformed rows skipped" if self.skipped else "")
 
 
 def _encodable(record: Any) -> bool:
@@ -101,29 +123,40 @@ def _encodable(record: Any) -> bool:
     return True
 
 
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a clear ProblemFileError on the first bad one."""
+def _record(line: str) -> dict[str, Any]:
+    """One JSONL line as an object; ValueError says what is wrong with it."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"not valid JSON ({exc.msg})") from None
+    except (ValueError, RecursionError) as exc:  # nested too deeply, or an integer over 4300 digits
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
+        raise ValueError(f"not valid JSON ({reason})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
+    if "\\u" in line and not _encodable(record):  # refused here, not by SQLite when it is stored
+        raise ValueError("invalid text: a lone UTF-16 surrogate escape such as \\ud800")
+    return record
+
+
+def read_jsonl(path: str | Path, strict: bool = True) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
+    """((line number, object) for each good non-blank line, ["file:line: reason" for each bad one]). With
+    `strict` the first bad line raises ProblemFileError. An unreadable or empty file always raises."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON keeps U+2028, U+0085 raw
     except (OSError, UnicodeDecodeError) as exc:
         raise ProblemFileError(f"{path}: cannot read: {exc}") from None
-    rows = []
+    rows, bad = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ProblemFileError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        except (ValueError, RecursionError) as exc:  # nested too deeply, or an integer over 4300 digits
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-            raise ProblemFileError(f"{path}:{number}: not valid JSON ({reason})") from None
-        if not isinstance(record, dict):
-            raise ProblemFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        if "\\u" in line and not _encodable(record):  # refused here, not by SQLite when it is stored
-            raise ProblemFileError(f"{path}:{number}: invalid text: a lone UTF-16 surrogate escape such as \\ud800")
-        rows.append((number, record))
-    if not rows:
-        raise ProblemFileError(f"{path}: no problems in the file")
-    return rows
+            rows.append((number, _record(line)))
+        except ValueError as exc:
+            if strict:
+                raise ProblemFileError(f"{path}:{number}: {exc}") from None
+            bad.append(f"{path}:{number}: {exc}")
+    if not rows and not bad:
+        raise ProblemFileError(f"{path}: no rows in the file")
+    return rows, bad

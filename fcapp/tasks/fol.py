@@ -13,14 +13,14 @@ import os
 import random
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fcapp.paths import data_dir
 from fcapp.records import FINAL_ANSWER, Call
 from fcapp.tasks.base import Problem, Task, read_jsonl, split_of
 from fcapp.tools import logic as logic_module
 from fcapp.tools.base import Registry, ToolError
-from fcapp.tools.logic import FormulaError, consistent, decide_parsed, logic_toolkit, parse
+from fcapp.tools.logic import FormulaError, constants, consistent, decide_parsed, logic_toolkit, parse, predicates
 
 FOLIO_PATH = Path(__file__).resolve().parents[2] / "assets" / "folio" / "train.jsonl"
 _LABELS = {"true": "True", "yes": "True", "false": "False", "no": "False",
@@ -50,6 +50,12 @@ def render_question(premises: list[str], premises_fol: list[str], conclusion: st
         lines.append("Write the conclusion as a formula with the premises' predicates and check it. "
                      "Is the conclusion True, False or Unknown?")
     return "\n".join(lines)
+
+
+def story_group(story_id: str | int) -> str:
+    """The split group of a FOLIO story: every problem about the story is in the same split, so no
+    held-out story's premises are ever trained on under another conclusion."""
+    return f"folio-story-{story_id}"
 
 
 def _text_list(record: dict[str, Any], key: str, required: bool) -> list[str]:
@@ -121,13 +127,16 @@ class _FolTask(Task):
             conclusion_fol = _checked_formula(conclusion_fol, "conclusion-FOL")
         conclusion = _text(record, "conclusion", required=not conclusion_fol) or ""
         label = self.record_label(record, premises_fol, conclusion_fol)
+        meta = {"premises": premises, "premises_fol": premises_fol, "conclusion": conclusion,
+                "conclusion_fol": conclusion_fol}
+        if isinstance(record.get("story_id"), (str, int)):  # a story's conclusions share its split
+            meta["group"] = story_group(record["story_id"])
         return Problem(
             id=self.record_id(record, index),
             task=self.name,
             question=render_question(premises, raw_fol if premises else premises_fol, conclusion, conclusion_fol),
             answer=label,
-            meta={"premises": premises, "premises_fol": premises_fol, "conclusion": conclusion,
-                  "conclusion_fol": conclusion_fol},
+            meta=meta,
         )
 
     def record_id(self, record: dict[str, Any], index: int) -> str:
@@ -160,13 +169,8 @@ class FolioTask(_FolTask):
 
     def problems(self) -> list[Problem]:
         if self._problems is None:
-            problems = []
-            for line, record in read_jsonl(self.path):
-                try:
-                    problems.append(self.parse_record(record, line))
-                except ValueError as exc:
-                    self.skipped.append(f"{self.path.name}:{line}: {exc}")
-            self._problems = problems
+            loaded = self.load_file(self.path)
+            self._problems, self.skipped = loaded.problems, loaded.skipped
         return self._problems
 
     def demonstration(self) -> tuple[Problem, list[Call]]:
@@ -175,6 +179,103 @@ class FolioTask(_FolTask):
         meta = demo.meta
         demo.question = render_question(meta["premises"], meta["premises_fol"], meta["conclusion"], None)
         return demo, calls
+
+
+def _cached(key: str, build: Callable[[], list[Problem]], data: bytes = b"") -> list[Problem]:
+    """Problems built by z3 (~10 ms a decision), read from a cache file after the first build. The file's
+    name holds `key` and a hash of this module's and the solver's source (and of `data`, the input file),
+    so any change to them builds afresh."""
+    source = hashlib.sha256(Path(__file__).read_bytes() + Path(logic_module.__file__).read_bytes() + data).hexdigest()
+    path = data_dir("cache") / f"{key}-{source[:16]}.json"
+    try:
+        return [Problem(**record) for record in json.loads(path.read_text(encoding="utf-8"))]
+    except (OSError, ValueError, TypeError):  # absent or damaged: build it
+        pass
+    problems = build()
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    partial.write_text(json.dumps([dataclasses.asdict(p) for p in problems]), encoding="utf-8")
+    os.replace(partial, path)  # concurrent builders write the same bytes; readers never see half
+    return problems
+
+
+class FolioFormulaTask(_FolTask):
+    """FOLIO-format problems that give the conclusion's formula, built from the shipped FOLIO stories (whose
+    file has no conclusion formulas): per story, conclusions drawn from its own vocabulary (a fact about
+    one of its individuals, a negated fact, two facts combined, or one of its premises taken out of the
+    premises) and labelled by z3, at most one per label. The labels are the solver's, so a model that
+    copies the conclusion into `check` and answers with its verdict scores 1.0 (FOLIO's own
+    conclusion-FOL agrees with its human labels on ~96% of validation problems). A story's problems share
+    the FOLIO story's split, so held-out FOLIO stories stay held out here too."""
+
+    name = "folio-fol"
+    description = "FOLIO stories with the conclusion given as a formula: is it True, False or Unknown?"
+    require_conclusion_fol = True
+    CANDIDATES = 24  # conclusions tried per story
+
+    def __init__(self, path: str | Path = FOLIO_PATH) -> None:
+        self.path = Path(path)
+        self._problems: list[Problem] | None = None
+
+    def problems(self) -> list[Problem]:
+        if self._problems is None:
+            self._problems = _cached("folio-fol", self._build, self.path.read_bytes())
+        return self._problems
+
+    def _build(self) -> list[Problem]:
+        stories: dict[str, dict[str, Any]] = {}
+        for _, record in read_jsonl(self.path, strict=False)[0]:
+            if isinstance(record.get("story_id"), (str, int)):
+                stories.setdefault(str(record["story_id"]), record)
+        return [p for story_id, record in stories.items() for p in self._story(story_id, record)]
+
+    def _story(self, story_id: str, record: dict[str, Any]) -> list[Problem]:
+        """Up to one problem per label for one story (none when its premises do not parse or contradict)."""
+        words = [w.strip() for w in _text_list(record, "premises", required=False)]
+        formulas = [f.strip() for f in _text_list(record, "premises-FOL", required=False)]
+        try:
+            parsed = [parse(f) for f in formulas]
+            if not parsed or len(words) != len(formulas) or not consistent(parsed):
+                return []
+        except ToolError:
+            return []
+        rng = random.Random(f"folio-fol:{story_id}")
+        found: dict[str, Problem] = {}
+        for kind, shown, conclusion, words_of in self._candidates(rng, words, formulas, parsed):
+            try:
+                label = decide_parsed([parse(f) for f in shown[1]], parse(conclusion))
+            except ToolError:
+                continue
+            if label in found:
+                continue
+            found[label] = Problem(
+                id=f"{self.name}-{story_id}-{len(found)}", task=self.name,
+                question=render_question(shown[0], shown[1], words_of, conclusion), answer=label,
+                meta={"premises": shown[0], "premises_fol": shown[1], "conclusion": words_of,
+                      "conclusion_fol": conclusion, "group": story_group(story_id), "kind": kind})
+            if len(found) == 3:
+                break
+        return sorted(found.values(), key=lambda p: p.id)
+
+    def _candidates(self, rng: random.Random, words: list[str], formulas: list[str], parsed: list[Any]):
+        """(kind, (premise words, premise formulas), conclusion formula, conclusion words) to try, shuffled."""
+        entities = sorted(set().union(*(constants(f) for f in parsed)))
+        unary = sorted(name for name, arity in set().union(*(predicates(f) for f in parsed)) if arity == 1)
+        everything = (words, formulas)
+        facts = [f"{p}({e})" for e in entities for p in unary]
+        literals = facts + [f"¬{fact}" for fact in facts]
+        out = [("fact", everything, lit, "") for lit in literals]
+        for _ in range(min(len(literals), 8)):
+            a, b = rng.sample(literals, 2) if len(literals) >= 2 else (None, None)
+            if a:
+                out.append(("compound", everything, f"{a} {rng.choice(('∧', '∨', '→'))} {b}", ""))
+        for k in range(len(formulas)):
+            rest = (words[:k] + words[k + 1:], formulas[:k] + formulas[k + 1:])
+            out.append(("premise", rest, formulas[k], words[k]))
+        rng.shuffle(out)
+        return out[: self.CANDIDATES]
+
+    def demonstration(self) -> tuple[Problem, list[Call]]:
+        return _demonstration(self.name)
 
 
 # ---- generator --------------------------------------------------------------------------------
@@ -227,21 +328,8 @@ class FolGenTask(_FolTask):
         return self._problems
 
     def _cached_problems(self) -> list[Problem]:
-        """The n problems, read from a cache file after the first build (z3 takes ~10 ms a problem).
-        The file's name holds the settings and a hash of the generator's source, so any change to
-        either builds afresh."""
-        source = hashlib.sha256(Path(__file__).read_bytes() + Path(logic_module.__file__).read_bytes()).hexdigest()
         settings = f"{self.n}-{self.seed}-{self.depth}-{self.distractors}-{self.conjunction_rate}"
-        path = data_dir("cache") / f"fol-{settings}-{source[:16]}.json"
-        try:
-            return [Problem(**record) for record in json.loads(path.read_text(encoding="utf-8"))]
-        except (OSError, ValueError, TypeError):  # absent or damaged: build it
-            pass
-        problems = [self.generate(i) for i in range(self.n)]
-        partial = path.with_name(f".{path.name}.{os.getpid()}")
-        partial.write_text(json.dumps([dataclasses.asdict(p) for p in problems]), encoding="utf-8")
-        os.replace(partial, path)  # concurrent builders write the same bytes; readers never see half
-        return problems
+        return _cached(f"fol-{settings}", lambda: [self.generate(i) for i in range(self.n)])
 
     def generate(self, index: int) -> Problem:
         """Problem `index` of this generator (the same on every run and machine)."""

@@ -136,7 +136,7 @@ def problem_from_record(record: dict[str, Any], problem_id: str | None = None) -
 @functools.cache
 def _load(path: Path) -> tuple[Problem, ...]:
     """The shipped problems, parsed once per process (the file has 7,473 lines)."""
-    return tuple(problem_from_record(record, f"gsm8k-{i}") for i, (_, record) in enumerate(read_jsonl(path)))
+    return tuple(problem_from_record(record, f"gsm8k-{i}") for i, (_, record) in enumerate(read_jsonl(path)[0]))
 
 
 class Gsm8kTask(Task):
