@@ -18,7 +18,7 @@ from fcapp.agent import Agent
 from fcapp.calls import call_end
 from fcapp.models.base import Completion, Request
 from fcapp.records import Chain
-from fcapp.solve import SolveConfig, finish, start_chain
+from fcapp.solve import SolveConfig, finish, for_model, start_chain
 from fcapp.tasks.base import Problem, Task
 
 
@@ -59,7 +59,7 @@ def iter_solve_batch(task: Task, jobs: Sequence[tuple[Problem, SolveConfig]], mo
             if (stop and stop.is_set()) or (job := next(pending, None)) is None:
                 return None
             index, (problem, config) = job
-            active[slot] = (index, problem, *start_chain(task, problem, model.model_id, config))
+            active[slot] = (index, problem, *start_chain(task, problem, model.model_id, for_model(config, model)))
         _, _, agent, chain = active[slot]
         return chain.messages(), agent.step_params(chain)
 

@@ -38,9 +38,11 @@ class GenerateConfig:
     seed: int = 0
     reference: bool = False  # also store the problems' reference chains, marked as such
     batch_size: int | None = None  # local teacher: chains decoded together (None: the K samples of a problem)
+    demo: bool | None = None  # the worked demonstration in the prompt (None: as the teacher's card says)
 
     def solve_config(self, sample: int) -> SolveConfig:
-        return SolveConfig(self.max_steps, self.temperature, self.top_p, self.max_new_tokens, self.seed + sample)
+        return SolveConfig(self.max_steps, self.temperature, self.top_p, self.max_new_tokens, self.seed + sample,
+                           self.demo)
 
 
 @dataclass
@@ -82,6 +84,8 @@ def plan(config: GenerateConfig, model_id: str, store: Store) -> tuple[list[Job]
     """The chains still to generate (and how many are already stored)."""
     task = get_task(config.task)
     settings = asdict(config.solve_config(0)) | {"seed": config.seed}
+    if settings.pop("demo") is False:  # prompted without the demonstration: other chains than the default's
+        settings["demo"] = False
     existing = store.existing_keys(task.name, model_id)
     jobs, skipped = [], 0
     for problem in select_problems(task, config.split, config.limit):

@@ -3,8 +3,11 @@ evaluation share (task -> tools + demonstration -> agent -> verified chain)."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Iterator
 
 from fcapp.agent import Agent, AgentConfig, demonstration
@@ -23,6 +26,7 @@ class SolveConfig:
     top_p: float = 1.0
     max_new_tokens: int = 160
     seed: int = 0
+    demo: bool | None = None  # the worked demonstration in the prompt; None: as the model's card says
 
     def agent_config(self) -> AgentConfig:
         return AgentConfig(self.max_steps, sampling=SamplingParams(self.temperature, self.top_p, self.max_new_tokens))
@@ -34,11 +38,36 @@ def _demo(task: Task) -> tuple[Message, ...]:
     return tuple(demonstration(task.tools(problem), problem.question, calls))
 
 
+def prompted_with_demo(model_path: str | None) -> bool:
+    """Whether the model in `model_path` is prompted with the worked demonstration: yes, unless its
+    training card (beside a tuned model's folder) records that it was trained without one. Evaluation
+    and serving then prompt a tuned model the way it was trained."""
+    if not model_path:
+        return True
+    try:
+        card = json.loads((Path(model_path).parent / "card.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True
+    prompt = card.get("prompt") if isinstance(card, dict) else None
+    return bool(prompt.get("demo", True)) if isinstance(prompt, dict) else True
+
+
+def for_model(config: SolveConfig | None, model: object) -> SolveConfig:
+    """`config` with `demo` settled for `model` (its own setting wins when given)."""
+    config = config or SolveConfig()
+    if config.demo is not None:
+        return config
+    return dataclasses.replace(config, demo=prompted_with_demo(getattr(model, "path", None)))
+
+
 def build_agent(task: Task, problem: Problem, config: SolveConfig | None = None) -> Agent:
-    """The agent for `problem`: its task's tools, the task's worked example, the chain settings."""
+    """The agent for `problem`: its task's tools, the task's worked example (unless config.demo is
+    False), the chain settings."""
     from fcapp.user_tools import tools_for  # built-in tools + the user functions switched on for the task
 
-    return Agent(tools_for(task, problem), list(_demo(task)), (config or SolveConfig()).agent_config())
+    config = config or SolveConfig()
+    demo = list(_demo(task)) if config.demo is not False else []
+    return Agent(tools_for(task, problem), demo, config.agent_config())
 
 
 def start_chain(task: Task, problem: Problem, model_id: str, config: SolveConfig | None = None) -> tuple[Agent, Chain]:
@@ -55,7 +84,7 @@ def finish(task: Task, problem: Problem, chain: Chain) -> Chain:
 
 def solve_events(task: Task, problem: Problem, model: ChatModel, config: SolveConfig | None = None) -> Iterator[Event]:
     """Stream a chain's events; the final `done` event carries the verified chain."""
-    agent, chain = start_chain(task, problem, model.model_id, config)
+    agent, chain = start_chain(task, problem, model.model_id, for_model(config, model))
     for event in agent.run(model, chain):
         if event.kind == "done":
             finish(task, problem, chain)

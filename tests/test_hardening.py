@@ -66,19 +66,19 @@ def test_plain_model_names_are_accepted(name: str) -> None:
 
 @pytest.mark.parametrize("name", TRAVERSAL)
 def test_a_training_run_cannot_be_named_out_of_the_models_folder(home: Path, name: str) -> None:
-    from fcapp.train import TrainConfig
+    from fcapp.training import TrainConfig
 
     before = tree(home)
     with pytest.raises(ValueError, match="invalid model name"):
-        TrainConfig(pairs="pairs.jsonl", name=name)
+        TrainConfig(data="pairs.jsonl", name=name)
     with pytest.raises(ValueError, match="invalid model name"):
-        TrainConfig.from_dict({"pairs": "pairs.jsonl", "name": name})
+        TrainConfig.from_dict({"data": "pairs.jsonl", "name": name})
     assert tree(home) == before
 
 
 @pytest.mark.parametrize("name", [n for n in TRAVERSAL if "/" not in n])
 def test_attach_refuses_names_that_are_not_plain(home: Path, name: str) -> None:
-    from fcapp.train import attach
+    from fcapp.training import attach
 
     with pytest.raises(ValueError, match="invalid model name"):
         attach(name)
@@ -87,7 +87,7 @@ def test_attach_refuses_names_that_are_not_plain(home: Path, name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in TRAVERSAL if "/" in n and "\x00" not in n])
 def test_attach_reads_a_path_only_where_a_run_lives(home: Path, tmp_path: Path, name: str) -> None:
     """A name with a separator is taken as a run folder; a folder without a run is refused."""
-    from fcapp.train import attach
+    from fcapp.training import attach
 
     before = tree(tmp_path)
     with pytest.raises(FileNotFoundError, match="no training run in"):
@@ -274,7 +274,10 @@ def test_a_malformed_problem_file_names_the_file_and_line(tmp_path: Path, task_n
     path = tmp_path / "problems.jsonl"
     path.write_text(f"{good}\n\n{good}\n{bad}\n{good}\n", encoding="utf-8")
     with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:4: .*{message}"):
-        get_task(task_name).load_file(path)
+        get_task(task_name).load_file(path, strict=True)
+    loaded = get_task(task_name).load_file(path)  # by default the good rows load and the bad one is reported
+    assert len(loaded.problems) == 3 and len(loaded.skipped) == 1
+    assert re.match(rf"^{re.escape(str(path))}:4: .*{message}", loaded.skipped[0])
 
 
 def test_a_problem_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
@@ -302,7 +305,7 @@ def _pair_row(n: int) -> dict[str, Any]:
 ])
 def test_a_broken_preference_file_names_the_line_and_leaves_the_store_unchanged(tmp_path: Path, bad: str,
                                                                                 message: str) -> None:
-    from fcapp.pairs import import_pairs
+    from fcapp.trainsets import import_pairs
 
     path = tmp_path / "prefs.jsonl"
     path.write_text("\n".join([json.dumps(_pair_row(1)), json.dumps(_pair_row(2)), bad, json.dumps(_pair_row(3))])
@@ -320,7 +323,7 @@ def test_a_parquet_preference_file_with_broken_tools_names_the_row(tmp_path: Pat
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from fcapp.pairs import import_pairs
+    from fcapp.trainsets import import_pairs
 
     rows = [_pair_row(1) | {"tools": "[]"}, _pair_row(2) | {"tools": "[{oops"}]  # Parquet keeps tools as JSON text
     path = tmp_path / "prefs.parquet"
@@ -362,19 +365,19 @@ def test_a_bad_user_function_is_refused_and_nothing_is_saved(home: Path, source:
 
 
 def test_unknown_training_options_are_named() -> None:
-    from fcapp.train import TrainConfig
+    from fcapp.training import TrainConfig
 
     with pytest.raises(ValueError, match="unknown training option.*epochz.*lerning_rate"):
-        TrainConfig.from_dict({"pairs": "p.jsonl", "name": "run", "epochz": 1, "lerning_rate": 1e-5})
+        TrainConfig.from_dict({"data": "p.jsonl", "name": "run", "epochz": 1, "lerning_rate": 1e-5})
     with pytest.raises(ValueError, match="object of TrainConfig fields, not list"):
-        TrainConfig.from_dict(["pairs", "name"])  # type: ignore[arg-type]
+        TrainConfig.from_dict(["data", "name"])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("text, message", [
-    ('{\n  "pairs": "p.jsonl",\n  "name": "run"\n  "epochs": 1\n}\n', r":4: invalid JSON \(Expecting ',' delimiter"),
-    ('{"pairs": "p.jsonl", "name": "run", "epochz": 1}', "unknown training option.*epochz"),
-    ('{"pairs": "p.jsonl", "name": "../../escape"}', "invalid model name"),
-    ('{"pairs": "p.jsonl"}', "missing 1 required positional argument: 'name'"),
+    ('{\n  "data": "p.jsonl",\n  "name": "run"\n  "epochs": 1\n}\n', r":4: invalid JSON \(Expecting ',' delimiter"),
+    ('{"data": "p.jsonl", "name": "run", "epochz": 1}', "unknown training option.*epochz"),
+    ('{"data": "p.jsonl", "name": "../../escape"}', "invalid model name"),
+    ('{"data": "p.jsonl"}', "missing 1 required positional argument: 'name'"),
     ("[]", "object of TrainConfig fields"),
     ("", r":1: invalid JSON"),
 ])
@@ -383,7 +386,7 @@ def test_a_broken_config_file_stops_the_training_worker_with_a_clear_message(hom
     config = tmp_path / "run.json"
     config.write_text(text, encoding="utf-8")
     before = tree(home)
-    done = subprocess.run([sys.executable, "-m", "fcapp.train", "--config", str(config)], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "fcapp.training.worker", "--config", str(config)], capture_output=True,
                           text=True, timeout=120, env=CHILD_ENV | {"FCAPP_HOME": str(home)})
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
@@ -473,7 +476,7 @@ def test_a_labeller_killed_mid_loop_loses_no_committed_label(tmp_path: Path, att
 _EXPORTER = """
 import sys
 from pathlib import Path
-from fcapp.pairs import export_pairs
+from fcapp.trainsets import export_pairs
 
 
 def rows(tag: str, n: int = 5000) -> list:
@@ -503,7 +506,7 @@ def exporter(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, 
     spec = importlib.util.spec_from_file_location("exporter", script)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)  # type: ignore[union-attr]
-    from fcapp.pairs import export_pairs
+    from fcapp.trainsets import export_pairs
 
     expected = {}
     for tag in ("A", "B"):
@@ -560,7 +563,7 @@ def test_an_export_killed_mid_write_leaves_a_complete_file(tmp_path: Path, expor
     # a killed writer leaves at most hidden temporary files beside the target
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in ("pairs.jsonl", "pairs.jsonl.card.md")]
     assert all(name.startswith(".pairs.jsonl.") for name in leftovers), leftovers
-    from fcapp.pairs import export_pairs, load_pair_file
+    from fcapp.trainsets import export_pairs, load_pair_file
 
     assert len(load_pair_file(target)) in (3, 5000)
     export_pairs([_pair_row(0)], target)  # the next export clears what the killed one left

@@ -1,7 +1,8 @@
-"""DPO training in a worker process, for real: a tiny pair set, a few steps of SmolLM2-135M + LoRA.
+"""Training in a worker process, for real: tiny data sets, a few steps of SmolLM2-135M + LoRA with TRL,
+for every method (DPO, SFT, GRPO, rounds).
 
-Every run is a separate worker process, as in the app: finish, SIGKILL + resume, STOP file, and a
-broken pairs file that must fail in the caller before anything starts.
+Every run is a separate worker process, as in the app: finish, SIGKILL + resume, STOP file, and bad
+input (a broken file, a bad option) that must fail in the caller before anything starts.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from fcapp.train import PairsError, TrainConfig, TrainingJob, attach, list_models, start_training
+from fcapp.tasks.base import split_of
+from fcapp.training import TrainConfig, TrainingJob, attach, list_models, list_runs, start_training
+from fcapp.trainsets import TrainingDataError
 
 SYSTEM = 'Call functions to answer. Functions:\nfinal_answer(answer: str)\n    Example: final_answer(answer="42")'
 
@@ -45,8 +48,8 @@ def pairs_file(home: Path) -> Path:
 
 def config(pairs: Path, name: str, **overrides) -> TrainConfig:
     """Test-sized: batch 2 x accumulation 1, short sequences, LoRA."""
-    return TrainConfig(pairs=str(pairs), name=name, **{"batch_size": 2, "grad_accum": 1, "max_length": 256,
-                                                      "max_steps": 3, "save_steps": 50, **overrides})
+    return TrainConfig(data=str(pairs), name=name, **{"batch_size": 2, "grad_accum": 1, "max_length": 256,
+                                                     "max_steps": 3, "save_steps": 50, **overrides})
 
 
 def wait_for(predicate, timeout: float, job: TrainingJob) -> None:
@@ -75,7 +78,8 @@ def test_dpo_run_saves_a_loadable_registered_model(pairs_file: Path) -> None:
     assert log[-1]["eta_s"] == 0
 
     card = json.loads((job.out / "card.json").read_text())
-    assert card["status"] == "finished" and card["method"] == "lora" and card["global_step"] == 3
+    assert card["status"] == "finished" and card["method"] == "dpo" and card["adapter"] == "lora"
+    assert card["global_step"] == 3
     assert card["data"]["rows"] == 8 and len(card["data"]["sha256"]) == 64
     assert card["config"]["learning_rate"] == 5e-5 and card["train_seconds"] > 0
     assert not any((job.out / "model").glob("adapter_*")), "LoRA must be merged into a plain model"
@@ -90,7 +94,9 @@ def test_dpo_run_saves_a_loadable_registered_model(pairs_file: Path) -> None:
 
     [listed] = list_models()
     assert listed["name"] == "tiny-dpo" and listed["path"] == str(job.out / "model")
-    assert listed["method"] == "lora" and listed["base"] == "smollm2" and "loss" in listed
+    assert listed["method"] == "dpo" and listed["base"] == "smollm2" and "loss" in listed
+    [run] = list_runs()
+    assert run["name"] == "tiny-dpo" and run["method"] == "dpo" and run["status"] == "finished" and run["step"] == 3
 
     again = attach("tiny-dpo")
     assert again.poll()["status"] == "finished" and len(again.read_log()) == 3
@@ -132,14 +138,15 @@ def test_stop_file_stops_cleanly_and_saves_the_model(pairs_file: Path) -> None:
 
 
 @pytest.mark.parametrize(("line", "expected"), [
-    ("{not json", "line 3: invalid JSON"),
-    (json.dumps({"prompt": pair(1, 1)["prompt"], "chosen": pair(1, 1)["chosen"]}), "line 3: missing column(s) rejected"),
-    (json.dumps(pair(1, 1) | {"chosen": "final_answer(answer='2')"}), "line 3: column 'chosen' must be a non-empty list"),
-], ids=["bad-json", "missing-column", "not-messages"])
+    ("{not json", ":3: not valid JSON"),
+    (json.dumps({"prompt": pair(1, 1)["prompt"], "chosen": pair(1, 1)["chosen"]}), ":3: 'rejected' must be a list"),
+    (json.dumps(pair(1, 1) | {"chosen": "final_answer(answer='2')"}), ":3: 'chosen' must be a list"),
+    (json.dumps(pair(1, 1) | {"chosen": []}), ":3: 'chosen' is empty"),
+], ids=["bad-json", "missing-column", "not-messages", "empty"])
 def test_broken_pairs_file_fails_in_the_caller(home: Path, line: str, expected: str) -> None:
     path = home / "broken.jsonl"
     path.write_text(json.dumps(pair(1, 2)) + "\n" + json.dumps(pair(2, 3)) + "\n" + line + "\n")
-    with pytest.raises(PairsError) as error:
+    with pytest.raises(TrainingDataError) as error:
         start_training(config(path, "broken"))
     assert str(path) in str(error.value) and expected in str(error.value)
     assert not (home / "home" / "models" / "broken").exists()  # nothing started
@@ -149,5 +156,141 @@ def test_too_long_pairs_are_named_not_truncated(home: Path) -> None:
     path = home / "long.jsonl"
     long = pair(1, 2) | {"rejected": [{"role": "assistant", "content": "no " * 400}]}
     path.write_text(json.dumps(pair(1, 2)) + "\n" + json.dumps(long) + "\n")
-    with pytest.raises(PairsError, match=r"1 pair\(s\) exceed max_length=256 tokens: .*line 2 \(\d+ tokens\)"):
+    with pytest.raises(TrainingDataError, match=r"1 pair\(s\) exceed max_length=256 tokens: .*:2 \(\d+ tokens\)"):
         start_training(config(path, "long"))
+
+
+def test_bad_options_are_refused_before_a_worker_starts(home: Path, pairs_file: Path) -> None:
+    for bad, message in [({"learning_rate": -1.0}, "learning_rate must be a number between 0 and 1"),
+                         ({"batch_size": 0}, "batch_size must be at least 1"),
+                         ({"method": "grpo", "task": None}, "needs a task"),
+                         ({"method": "grpo", "task": "fol", "num_generations": 1}, "at least 2")]:
+        with pytest.raises(ValueError, match=message):
+            config(pairs_file, "bad", **bad)
+    with pytest.raises(ValueError, match="base model '/nonexistent'"):
+        start_training(config(pairs_file, "bad", base="/nonexistent"))
+    assert not (home / "home" / "models" / "bad").exists()
+
+
+# ---- SFT ------------------------------------------------------------------------------------------------
+@pytest.fixture
+def sft_file(home: Path) -> Path:
+    """Reference chains of four training problems of `fol`, as `fcapp examples` writes them."""
+    from fcapp.trainsets import export_rows
+    from helpers import correct_chain
+
+    rows = []
+    for pid in ("fol-0-0", "fol-0-1", "fol-0-2", "fol-0-3"):
+        chain = correct_chain("fol", pid)
+        rows.append({"prompt": chain.prompt, "completion": chain.completion_messages(), "tools": chain.tools,
+                     "task": "fol", "problem_id": pid, "source": "reference"})
+    path = home / "sft.jsonl"
+    export_rows(rows, path, "sft")
+    return path
+
+
+def test_sft_run_trains_on_verified_chains_and_its_model_is_prompted_as_trained(sft_file: Path) -> None:
+    job = start_training(config(sft_file, "tiny-sft", method="sft", max_length=1024))
+    status = job.wait(timeout=600)
+    assert status["status"] == "finished", (status, job.worker_output())
+    log = job.read_log()
+    assert [r["stage"] for r in log] == ["sft"] * 3 and all(r["loss"] > 0 for r in log)
+    card = json.loads((job.out / "card.json").read_text())
+    assert card["method"] == "sft" and card["data"]["used"] == 4
+    assert card["prompt"] == {"demo": False}  # SFT teaches the call format: the demo is left out
+
+    from fcapp.models.local import LocalModel
+    from fcapp.solve import SolveConfig, solve
+    from fcapp.tasks import get_task
+
+    task = get_task("fol")
+    chain = solve(task, task.get("fol-0-13"), LocalModel("tiny-sft"), SolveConfig(max_steps=2, max_new_tokens=48))
+    assert [m["role"] for m in chain.prompt] == ["system", "user"]  # no worked example: as it was trained
+
+
+# ---- GRPO ----------------------------------------------------------------------------------------------
+def grpo_config(name: str, **overrides) -> TrainConfig:
+    """Test-sized GRPO on `fol`: groups of 2 chains of at most 2 steps on the first training problems."""
+    return TrainConfig(name=name, method="grpo", task="fol", **{
+        "num_generations": 2, "grad_accum": 1, "limit": 4, "chain_steps": 2, "max_new_tokens": 40, "max_steps": 2,
+        "save_steps": 50, **overrides})
+
+
+def test_grpo_steps_log_reward_and_loss_and_save_a_loadable_model(home: Path) -> None:
+    job = start_training(grpo_config("tiny-grpo"))
+    status = job.wait(timeout=900)
+    assert status["status"] == "finished", (status, job.worker_output())
+    log = job.read_log()
+    assert [r["step"] for r in log] == [1, 2] and all(r["stage"] == "grpo" for r in log)
+    for record in log:
+        for key in ("loss", "reward", "rewards/correct/mean", "rewards/valid_calls/mean", "rewards/well_formed/mean",
+                    "completions/mean_length"):
+            assert isinstance(record[key], (int, float)), key
+        assert 0 <= record["rewards/correct/mean"] <= 1
+        assert record["completions/mean_length"] > 0  # the model's own tokens, tool results masked
+    card = json.loads((job.out / "card.json").read_text())
+    assert card["rewards"] == {"correct": 1.0, "valid_calls": 0.2, "well_formed": 0.2}  # brevity is off by default
+    assert card["data"] == {"task": "fol", "split": "train", "problems": 4}
+
+    from fcapp.models.base import complete
+    from fcapp.models.local import LocalModel
+
+    reply = complete(LocalModel("tiny-grpo"), pair(3, 4)["prompt"])
+    assert reply.completion_tokens > 0
+
+
+def test_a_killed_grpo_worker_is_reported_and_resumes(home: Path) -> None:
+    cfg = grpo_config("killed-grpo", max_steps=2, save_steps=1)
+    job = start_training(cfg)
+    checkpoints = job.out / "checkpoints"
+    wait_for(lambda: any(checkpoints.glob("checkpoint-*/trainer_state.json")), 900, job)
+    os.killpg(job.pid, signal.SIGKILL)
+    status = job.wait(timeout=30)
+    assert status["status"] == "failed" and "SIGKILL" in status["error"]
+    cfg.resume = True
+    resumed = start_training(cfg)
+    status = resumed.wait(timeout=900)
+    assert status["status"] == "finished", (status, resumed.worker_output())
+    assert [r["step"] for r in resumed.read_log()] == [1, 2]
+    card = json.loads((resumed.out / "card.json").read_text())
+    assert card["resumed_from_step"] >= 1 and card["global_step"] == 2
+
+
+# ---- rounds ---------------------------------------------------------------------------------------------
+def test_two_rounds_store_one_evaluation_per_round(home: Path) -> None:
+    from fcapp.store import Store
+
+    db = home / "rounds.db"
+    cfg = TrainConfig(name="tiny-rounds", method="rounds", task="fol", rounds=2, limit=3, num_generations=2,
+                      eval_limit=3, chain_steps=2, max_new_tokens=40, max_steps=1, batch_size=2, grad_accum=1,
+                      db=str(db))
+    job = start_training(cfg)
+    status = job.wait(timeout=1200)
+    assert status["status"] == "finished", (status, job.worker_output())
+    rounds = [r for r in job.read_log() if r["stage"] == "round"]
+    assert [r["round"] for r in rounds] == [0, 1, 2]  # the starting model, then each round's model
+    for r in rounds:
+        assert 0 <= r["accuracy_ci"][0] <= r["accuracy"] <= r["accuracy_ci"][1] <= 1 and r["eval_n"] == 3
+    assert all(r["sampled"] == 6 for r in rounds[1:])  # 3 training problems x 2 samples
+    with Store(db) as store:
+        evals = store.list_evals(task="fol")
+        assert sorted(e["id"] for e in evals) == sorted(r["eval_id"] for r in rounds)
+        models = {c["model_id"] for c in store.list_chains(task="fol", limit=1000)}
+        assert models == {"smollm2", "tiny-rounds-r1"}  # round 1 samples with the base, round 2 with round 1's model
+        problems = {c["problem_id"] for c in store.list_chains(task="fol", limit=1000)}
+        assert all(split_of(p) == "train" for p in problems)
+    assert (job.out / "round-2" / "model" / "config.json").exists() and (job.out / "model" / "config.json").exists()
+
+
+# ---- the CLI and the app see the same runs --------------------------------------------------------------
+def test_cli_flags_are_the_config_fields() -> None:
+    import dataclasses
+
+    from fcapp.cli import build_parser
+
+    parser = build_parser()
+    train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    flags = {option for action in train._actions for option in action.option_strings}
+    for field in dataclasses.fields(TrainConfig):
+        if field.metadata["methods"] != ("rounds",):
+            assert (field.metadata["flag"] or "--" + field.name.replace("_", "-")) in flags, field.name

@@ -475,20 +475,33 @@ class LocalModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = resolve_model_path(spec)
-        self.model_id = spec if spec and spec not in ("default", "base") else EMBEDDED
-        self.path = path
-        self.device = device or default_device()
+        device = device or default_device()
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(path)
-            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(self.device)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
         except (OSError, ValueError) as exc:
             raise ModelError(f"cannot load model {spec!r} from {path}: {exc}") from None
-        self.model.eval()
-        if self.device == "cpu" and self.model.dtype == torch.float32:
-            _lay_out_for_decode(self.model)
-        layer_types, _ = get_layer_types_and_kwargs(self.model.config.get_text_config(decoder=True))
+        model.eval()
+        if device == "cpu" and model.dtype == torch.float32:
+            _lay_out_for_decode(model)
+        self._attach(model, tokenizer, spec if spec and spec not in ("default", "base") else EMBEDDED, path,
+                     prefix_cache, threads)
+
+    @classmethod
+    def around(cls, model: torch.nn.Module, tokenizer, model_id: str, threads: int | None = None) -> "LocalModel":
+        """Decode with a model already in memory, as it is (a policy being trained: its weights are left
+        alone, so call `clear_cache` after they change). The caller puts it in eval mode."""
+        local = cls.__new__(cls)
+        local._attach(model, tokenizer, model_id, None, True, threads)
+        return local
+
+    def _attach(self, model: torch.nn.Module, tokenizer, model_id: str, path: str | None, prefix_cache: bool,
+                threads: int | None) -> None:
+        self.model, self.tokenizer, self.model_id, self.path = model, tokenizer, model_id, path
+        self.device = str(model.device.type)
+        layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
         if any(kind != "full_attention" for kind in layer_types):
-            raise ModelError(f"{spec!r}: only full-attention decoder models are supported locally, not {set(layer_types)}")
+            raise ModelError(f"{model_id!r}: only full-attention decoder models are supported locally, not {set(layer_types)}")
         self._layers = len(layer_types)
         self.prefix_cache = prefix_cache
         self.threads = threads
@@ -498,8 +511,8 @@ class LocalModel:
         self.lock = threading.Lock()
         self._state = _KVState(self._layers)  # no rows yet
         self._parked: list[_KVState] = []  # rows set aside mid-batch once their reply ended, kept for reuse
-        eos = {self.tokenizer.eos_token_id}
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        eos = {tokenizer.eos_token_id}
+        im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end >= 0:
             eos.add(im_end)
         self.stop_ids = {i for i in eos if i is not None}

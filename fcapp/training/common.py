@@ -1,0 +1,211 @@
+"""What every training method shares inside the worker: the tokenizer and model, LoRA, TRL settings,
+saving, checkpoints, the callback that writes the run folder's log and honours STOP, and the CPU
+thread choice."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from fcapp.records import Message
+from fcapp.training.config import TrainConfig
+from fcapp.training.folder import RunFolder, read_json
+
+
+def load_tokenizer(base: str) -> Any:
+    from transformers import AutoTokenizer
+
+    from fcapp.models.local import resolve_model_path
+
+    return AutoTokenizer.from_pretrained(resolve_model_path(base))
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX): then bf16 autocast runs a
+    training step of SmolLM2-135M about 2x faster than fp32 (benchmarks/README.md)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return bool(re.search(r"\b(avx512_bf16|amx_bf16)\b", flags))
+
+
+def use_bf16(config: TrainConfig) -> bool:
+    import torch
+
+    if config.bf16 is not None:
+        return config.bf16
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    return cpu_has_bf16()
+
+
+def trainer_args(config: TrainConfig, output_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Settings every stage shares; TRL's defaults (bf16 everywhere, checkpointing, lr 1e-6, logging every
+    10 steps, reporting to trackers) are overridden explicitly."""
+    import torch
+
+    args = dict(
+        output_dir=str(output_dir), learning_rate=config.learning_rate, per_device_train_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum, num_train_epochs=config.epochs, max_steps=config.max_steps,
+        seed=config.seed, bf16=use_bf16(config), use_cpu=not torch.cuda.is_available(),
+        activation_checkpointing=False, logging_steps=1, report_to="none", dataloader_num_workers=0,
+        dataloader_pin_memory=torch.cuda.is_available(), disable_tqdm=True, eval_strategy="no",
+        include_num_input_tokens_seen="non_padding", save_strategy="no",
+    )
+    return args | overrides
+
+
+def checkpointing(config: TrainConfig) -> dict[str, Any]:
+    """Checkpoint every `save_steps`, keeping the last two (a resumed run starts from the newest)."""
+    return dict(save_strategy="steps", save_steps=config.save_steps, save_total_limit=2)
+
+
+def lora(config: TrainConfig) -> Any:
+    if config.adapter != "lora":
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=config.lora_targets, task_type="CAUSAL_LM")
+
+
+def load_model(path: str, config: TrainConfig) -> Any:
+    """fp32 weights (bf16=True is autocast: AdamW on bf16 weights would round away updates as small as a
+    preference-tuning learning rate), except a frozen LoRA base on a GPU, which bf16 halves."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    frozen_bf16 = torch.cuda.is_available() and use_bf16(config) and config.adapter == "lora"
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+
+
+def save_model(trainer: Any, tokenizer: Any, target: Path, adapter: str) -> None:
+    """Save a plain transformers folder (LoRA merged), atomically replacing `target`."""
+    staging = target.with_name(f".{target.name}.saving")
+    if trainer.is_world_process_zero() and staging.exists():
+        shutil.rmtree(staging)
+    if adapter == "lora":
+        unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+        merged = unwrapped.merge_and_unload() if hasattr(unwrapped, "merge_and_unload") else unwrapped
+        if trainer.is_world_process_zero():
+            merged.save_pretrained(staging)
+    else:
+        trainer.save_model(str(staging))  # gathers sharded weights under DeepSpeed / FSDP
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(staging)
+        if target.exists():
+            shutil.rmtree(target)
+        staging.rename(target)
+
+
+def last_checkpoint(folder: Path, main: bool) -> Path | None:
+    """The newest complete checkpoint; ones cut short by a kill (no readable trainer_state.json,
+    which the Trainer writes last) are removed."""
+    complete = []
+    for path in folder.glob("checkpoint-*"):
+        if not re.fullmatch(r"checkpoint-\d+", path.name):
+            continue
+        if read_json(path / "trainer_state.json") is not None:
+            complete.append(path)
+        elif main:
+            shutil.rmtree(path, ignore_errors=True)
+    return max(complete, key=lambda p: int(p.name.rsplit("-", 1)[-1]), default=None)
+
+
+def training_prompt(prompt: list[Message], demo: bool) -> list[Message]:
+    """The prompt a row is trained with: as stored, or without the worked demonstration (the messages
+    between the system prompt and the question), which a tuned model no longer needs."""
+    if demo or len(prompt) <= 2:
+        return list(prompt)
+    system = [m for m in prompt[:1] if m.get("role") == "system"]
+    return system + prompt[-1:]
+
+
+def fit_length(wheres: list[str], lengths: list[int], max_length: int, drop: bool, what: str) -> list[int]:
+    """The indices of the rows (named by `wheres`, file:line) whose token length fits `max_length` (TRL
+    would cut the rest off). Too long rows are an error naming them, or dropped when `drop` (then at
+    least one must remain)."""
+    from fcapp.trainsets import TrainingDataError
+
+    too_long = [(where, n) for where, n in zip(wheres, lengths) if n > max_length]
+    if too_long and (not drop or len(too_long) == len(lengths)):
+        shown = "; ".join(f"{where} ({n} tokens)" for where, n in too_long[:5])
+        more = f" and {len(too_long) - 5} more" if len(too_long) > 5 else ""
+        longest = max(n for _, n in too_long)
+        raise TrainingDataError(f"{len(too_long)} {what} exceed max_length={max_length} tokens: {shown}{more}. "
+                                f"Set max_length >= {longest}" + ("" if drop else " or drop_too_long=True"))
+    return [i for i, n in enumerate(lengths) if n <= max_length]
+
+
+def run_callback(folder: RunFolder, stage: str, elapsed_offset: float = 0.0, checkpoint_on_stop: bool = True,
+                 extra: dict[str, Any] | None = None) -> Any:
+    """A TrainerCallback writing one log.jsonl line per logged step (`stage`, step, max_steps, every number
+    TRL logs, elapsed and ETA, plus `extra`), and stopping every rank at the same step when STOP appears."""
+    from transformers import TrainerCallback
+
+    class RunCallback(TrainerCallback):
+        accelerator: Any = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.began, self.first_step = time.monotonic(), state.global_step
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not logs or "loss" not in logs:  # the end-of-training summary goes to the card instead
+                return
+            elapsed = time.monotonic() - self.began
+            per_step = elapsed / max(state.global_step - self.first_step, 1)
+            numbers = {k: v for k, v in logs.items() if isinstance(v, (int, float))}
+            folder.log({"stage": stage, "step": state.global_step, "max_steps": state.max_steps, **(extra or {}),
+                        **numbers, "elapsed_s": round(elapsed_offset + elapsed, 2),
+                        "eta_s": round(per_step * (state.max_steps - state.global_step), 1), "time": time.time()})
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if folder.stop_requested():
+                self.accelerator.set_trigger()
+            if self.accelerator.check_trigger():
+                folder.stopped = True
+                control.should_training_stop = True
+                control.should_save = checkpoint_on_stop  # a stopped run can be resumed from here
+            return control
+
+    return RunCallback()
+
+
+def thread_callback(config: TrainConfig) -> Any:
+    """On a CPU without a fixed `threads`: time each optimizer step per token seen and keep the thread count
+    that is cheaper (two threads that wait for each other while another job holds a core are several
+    times slower than one; on an idle machine both cores help). Same chooser as decoding."""
+    import torch
+    from transformers import TrainerCallback
+
+    from fcapp.models.local import _ThreadChooser
+
+    if torch.cuda.is_available():
+        return None
+    if config.threads:
+        torch.set_num_threads(config.threads)
+        return None
+
+    class ThreadCallback(TrainerCallback):
+        def __init__(self) -> None:
+            self.chooser = _ThreadChooser(torch.get_num_threads())
+            self.began, self.tokens, self.threads = 0.0, 0, 0
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.threads = self.chooser.next()
+            torch.set_num_threads(self.threads)
+            self.began, self.tokens = time.perf_counter(), state.num_input_tokens_seen
+
+        def on_step_end(self, args, state, control, **kwargs):
+            tokens = max(1, state.num_input_tokens_seen - self.tokens)
+            self.chooser.record(self.threads, (time.perf_counter() - self.began) / tokens)
+
+    return ThreadCallback()
+
+
+def callbacks(*items: Any) -> list[Any]:
+    return [item for item in items if item is not None]

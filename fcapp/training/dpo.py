@@ -1,0 +1,102 @@
+"""DPO on preference pairs with TRL's DPOTrainer, optionally after an SFT warm-up on the chosen chains.
+
+DPO has no assistant-only masking: tool results inside `chosen` / `rejected` are scored too, and the
+shared prefix (system prompt with the functions, the question) stays in `prompt`. With LoRA the
+reference is the same weights with the adapter off, so no second copy is held; when the run covers
+its data at least once, the reference log-probs are computed once up front instead of every step.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fcapp.training import sft
+from fcapp.training.common import (callbacks, checkpointing, fit_length, last_checkpoint, load_model, lora,
+                                   run_callback, save_model, thread_callback, trainer_args, training_prompt)
+from fcapp.training.config import TrainConfig
+from fcapp.training.folder import RunFolder, read_log
+
+COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def fitting_pairs(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[dict[str, Any]]:
+    """The pairs as trained (prompt with or without the demo) whose longer side fits max_length."""
+    def length(messages: list[dict[str, Any]]) -> int:
+        return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
+
+    pairs = [{"prompt": training_prompt(r["prompt"], config.demo), "chosen": r["chosen"], "rejected": r["rejected"],
+              "_where": r["_where"]} for r in rows]
+    lengths = [max(length(p["prompt"] + p["chosen"]), length(p["prompt"] + p["rejected"])) for p in pairs]
+    kept = fit_length([p["_where"] for p in pairs], lengths, config.max_length, config.drop_too_long, "pair(s)")
+    return [pairs[i] for i in kept]
+
+
+def precompute_reference(config: TrainConfig, pairs: int) -> bool:
+    """Compute the reference log-probs once when the run sees every pair at least once (else computing
+    them for pairs it never trains on costs more than it saves)."""
+    steps_per_epoch = math.ceil(pairs / (config.batch_size * config.grad_accum))
+    steps = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
+    return steps >= steps_per_epoch
+
+
+def warmup_rows(config: TrainConfig, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """SFT rows of the warm-up: --warmup-data, else each pair's prompt -> chosen."""
+    if config.warmup_data:
+        from fcapp.trainsets import read_training_file
+
+        return read_training_file(config.warmup_data, "sft")
+    return [{"prompt": p["prompt"], "completion": p["chosen"], "_where": p["_where"]} for p in pairs]
+
+
+def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path: str, tokenizer: Any,
+        rows: list[dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """DPO as the method (warm-up first when asked): checkpointed and resumable, the model in <out>/model."""
+    pairs = fitting_pairs(rows, tokenizer, config)
+    card["data"]["used"] = len(pairs)
+    if config.warmup_steps > 0:
+        base_path = sft.warm_up(config, folder, card, base_path, tokenizer, warmup_rows(config, pairs))
+        if folder.stopped:  # stopped during the warm-up: the warmed-up model is what there is
+            if folder.main:
+                shutil.copytree(base_path, folder.out / "model", dirs_exist_ok=True)
+            return 0, dict(folder.last)
+    return train_stage(config, folder, base_path, pairs, tokenizer, folder.out / "model", "dpo",
+                       checkpoints=folder.out / "checkpoints", card=card)
+
+
+def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, pairs: list[dict[str, Any]], tokenizer: Any,
+                target: Path, stage: str, checkpoints: Path | None = None, card: dict[str, Any] | None = None,
+                extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """DPO on `pairs` (already fitted) from `base_path`, the model saved to `target`; returns (global step,
+    last logged metrics). Checkpointing and resuming as in `sft.train_stage`."""
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    run_dir = checkpoints or folder.out / f".{stage}-run"
+    checkpoint = last_checkpoint(checkpoints, folder.main) if checkpoints and config.resume else None
+    resumed = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
+    if checkpoints:
+        folder.keep_log(lambda r: r.get("stage") != stage or r["step"] <= resumed)
+    precompute = precompute_reference(config, len(pairs))
+    if card is not None:
+        card["resumed_from_step"] = resumed if checkpoints and config.resume else None
+        card["precomputed_reference"] = precompute
+    args = DPOConfig(**trainer_args(config, run_dir, **(checkpointing(config) if checkpoints else {})),
+                     beta=config.beta, max_length=config.max_length, precompute_ref_log_probs=precompute)
+    previous = [r for r in read_log(folder.log_path) if r.get("stage") == stage]
+    callback = run_callback(folder, stage, previous[-1]["elapsed_s"] if previous else 0.0,
+                            checkpoint_on_stop=checkpoints is not None, extra=extra)
+    folder.status("running", stage="reference log-probs" if precompute else "loading")
+    data = Dataset.from_list([{c: p[c] for c in COLUMNS} for p in pairs])
+    trainer = DPOTrainer(model=load_model(base_path, config), args=args, train_dataset=data,
+                         processing_class=tokenizer, callbacks=callbacks(callback, thread_callback(config)),
+                         peft_config=lora(config))
+    callback.accelerator = trainer.accelerator
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    save_model(trainer, tokenizer, target, config.adapter)
+    if checkpoints is None and folder.main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    last = {k: v for k, v in folder.last.items() if k not in ("stage", "step", "max_steps", "time", "round")}
+    return trainer.state.global_step, last | dict(output.metrics)

@@ -1,0 +1,73 @@
+"""Shared-prefix packing computes exactly what the examples give one by one: same loss, same gradient,
+with the shared system prompt computed once."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fcapp.training.common import load_tokenizer
+from fcapp.training.config import TrainConfig
+from fcapp.training.packing import PackedCollator, pack
+from fcapp.training.sft import tokenized_examples
+from helpers import correct_chain
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer("smollm2")
+
+
+def examples(tokenizer, ids: list[tuple[str, str]]) -> list[dict]:
+    rows = []
+    for task, pid in ids:
+        chain = correct_chain(task, pid)
+        rows.append({"prompt": chain.prompt, "completion": chain.completion_messages(), "_where": pid})
+    return tokenized_examples(rows, tokenizer, TrainConfig(name="p", method="sft", data="x"))
+
+
+def separate_loss(model, rows: list[dict]) -> torch.Tensor:
+    """The loss of the rows as one padded batch, the usual way (mean over every trained token)."""
+    length = max(len(r["input_ids"]) for r in rows)
+    ids = torch.zeros(len(rows), length, dtype=torch.long)
+    labels = torch.full((len(rows), length), -100)
+    attention = torch.zeros(len(rows), length, dtype=torch.long)
+    for b, r in enumerate(rows):
+        n = len(r["input_ids"])
+        ids[b, :n] = torch.tensor(r["input_ids"])
+        labels[b, :n] = torch.tensor([t if m else -100 for t, m in zip(r["input_ids"], r["assistant_masks"])])
+        attention[b, :n] = 1
+    return model(input_ids=ids, attention_mask=attention, labels=labels).loss
+
+
+def test_a_pack_holds_the_shared_prompt_once_and_gives_the_same_loss_and_gradient(small_model, tokenizer):
+    rows = examples(tokenizer, [("fol", "fol-0-0"), ("fol", "fol-0-1"), ("fol", "fol-0-2")])
+    [packed] = pack(rows, per_pack=3)
+    prefix, *rests = packed["segments"]
+    assert prefix > 200  # the system prompt with the functions, at least
+    assert len(packed["input_ids"]) == prefix + sum(rests) < sum(len(r["input_ids"]) for r in rows) - 2 * 200
+    assert sum(packed["assistant_masks"]) == sum(sum(r["assistant_masks"]) for r in rows)  # each trained once
+    batch = PackedCollator(0)([packed | {"labels": [t if m else -100 for t, m in
+                                                     zip(packed["input_ids"], packed["assistant_masks"])]}])
+
+    model = small_model.model  # the real SmolLM2, fp32
+    with torch.no_grad():
+        alone = separate_loss(model, rows)
+        together = model(**batch).loss
+    assert together.item() == pytest.approx(alone.item(), rel=1e-4)
+
+    weight = model.model.layers[0].self_attn.q_proj.weight
+    grads = []
+    for compute in (lambda: separate_loss(model, rows), lambda: model(**batch).loss):
+        model.zero_grad()
+        compute().backward()
+        grads.append(weight.grad.clone())
+    model.zero_grad()
+    assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+def test_examples_of_different_tasks_are_never_packed_together(tokenizer):
+    rows = examples(tokenizer, [("fol", "fol-0-0"), ("gsm8k", "gsm8k-1"), ("fol", "fol-0-1"), ("gsm8k", "gsm8k-2")])
+    packs = pack(rows, per_pack=4)
+    assert sorted(len(p["segments"]) - 1 for p in packs) == [2, 2]
+    assert all(p["segments"][0] > 200 for p in packs)
