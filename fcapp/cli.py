@@ -122,11 +122,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_pairs(args: argparse.Namespace) -> int:
-    from fcapp.pairs import PairPolicy, import_pairs, make_pairs
+    from fcapp.trainsets import PairPolicy, import_pairs, make_pairs
 
     store = _store(args)
     if args.import_file:
-        _print(f"imported {import_pairs(args.import_file, store)} pairs from {args.import_file}")
+        imported = import_pairs(args.import_file, store)
+        _print(f"imported {imported['pairs']} pairs from {args.import_file} as pair set {imported['policy']!r}")
         return 0
     if not (args.task and args.out):
         raise ValueError("pairs needs --task and --out (or --import FILE)")
@@ -136,6 +137,13 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step_limits(text: str) -> list[int]:
+    limits = sorted({int(part) for part in str(text).split(",") if part.strip()})
+    if not limits or limits[0] < 1:
+        raise argparse.ArgumentTypeError("step limits are whole numbers >= 1, e.g. 10 or 10,20")
+    return limits
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -143,8 +151,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fcapp.paths import data_home
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    config = EvalConfig(args.task, models, args.split, args.limit, args.problems, args.max_steps, args.seed,
-                        args.max_new_tokens)
+    config = EvalConfig(args.task, models, args.split, args.limit, args.problems, max(args.max_steps), args.seed,
+                        args.max_new_tokens, step_limits=args.max_steps, strict=args.strict)
     bar = tqdm(desc=f"eval {args.task}", unit="chain", dynamic_ncols=True, disable=args.json)
 
     def progress(done: int, total: int, model: str) -> None:
@@ -158,44 +166,73 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         _print(json.dumps({k: v for k, v in result.items() if k != "per_problem"} | {"report": str(report)}))
         return 0
-    _print(f"\n{result['task']}: n={result['n']} problems, step limit {args.max_steps}")
-    _print(f"{'model':<20}{'accuracy':>9}{'95% CI':>16}{'valid calls':>12}{'steps':>7}{'tokens':>8}{'latency':>9}{'p vs base':>11}")
-    for name, s in result["models"].items():
-        p = "-" if s["p_value_vs_base"] is None else f"{s['p_value_vs_base']:.4f}"
-        ci = f"[{s['accuracy_ci'][0]:.2f}, {s['accuracy_ci'][1]:.2f}]"
-        _print(f"{name:<20}{s['accuracy']:>9.3f}{ci:>16}{s['valid_call_rate']:>12.3f}{s['mean_steps']:>7.2f}"
-               f"{s['mean_tokens']:>8.1f}{s['mean_latency_s']:>8.2f}s{p:>11}")
+    for line in result["skipped_rows"]:
+        sys.stderr.write(f"skipped {line}\n")
+    if args.problems:
+        _print(f"{args.problems}: {result['n']} problems used, {len(result['skipped_rows'])} malformed rows skipped")
+    for limit, summaries in result["by_step_limit"].items():
+        _print(f"\n{result['task']}: n={result['n']} problems, step limit {limit}")
+        _print(f"{'model':<20}{'accuracy':>9}{'95% CI':>16}{'valid calls':>12}{'steps':>7}{'tokens':>8}"
+               f"{'latency':>9}{'p vs base':>11}")
+        for name, s in summaries.items():
+            p = "-" if s["p_value_vs_base"] is None else f"{s['p_value_vs_base']:.4f}"
+            ci = f"[{s['accuracy_ci'][0]:.2f}, {s['accuracy_ci'][1]:.2f}]"
+            _print(f"{name:<20}{s['accuracy']:>9.3f}{ci:>16}{s['valid_call_rate']:>12.3f}{s['mean_steps']:>7.2f}"
+                   f"{s['mean_tokens']:>8.1f}{s['mean_latency_s']:>8.2f}s{p:>11}")
     _print(f"report: {report}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _progress_postfix(row: dict) -> dict[str, str]:
+    """What the progress bar shows for a log line of each stage."""
+    if row.get("stage") == "grpo":
+        return {"reward": f"{row.get('reward', 0):.3f}", "correct": f"{row.get('rewards/correct/mean', 0):.2f}"}
+    if row.get("stage") == "dpo":
+        return {"loss": f"{row['loss']:.3f}", "margin": f"{row.get('rewards/margins', 0):.2f}",
+                "acc": f"{row.get('rewards/accuracies', 0):.2f}"}
+    return {"loss": f"{row['loss']:.3f}"} | ({"round": str(row["round"])} if "round" in row else {})
+
+
+def round_table(rows: list[dict]) -> str:
+    """The per-round table of a `rounds` run: held-out accuracy with its interval, valid-call rate."""
+    lines = [f"{'round':>5} {'accuracy':>9} {'95% CI':>14} {'valid calls':>12} {'sampled':>8} {'correct':>8} "
+             f"{'trained on':>11}"]
+    for r in rows:
+        ci = f"[{r['accuracy_ci'][0]:.2f}, {r['accuracy_ci'][1]:.2f}]"
+        lines.append(f"{r['round']:>5} {r['accuracy']:>9.3f} {ci:>14} {r['valid_call_rate']:>12.3f} "
+                     f"{r.get('sampled', '-'):>8} {r.get('sampled_correct', '-'):>8} {r.get('train_rows', '-'):>11}")
+    return "\n".join(lines)
+
+
+def _follow(job, config) -> int:
+    """Show a run's progress until it ends (Ctrl-C stops it, saving what it has); the exit code."""
     import time
 
     from tqdm import tqdm
 
-    from fcapp.train import TrainConfig, start_training
+    from fcapp.training import TERMINAL
 
-    name = args.name or (os.path.basename(os.path.normpath(args.out)) if args.out else time.strftime("dpo-%Y%m%d-%H%M%S"))
-    config = TrainConfig(pairs=args.pairs, name=name, base=args.base, method=args.method, epochs=args.epochs,
-                         learning_rate=args.lr, beta=args.beta, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                         max_length=args.max_length, max_steps=args.max_steps, sft_warmup_steps=args.sft_warmup_steps,
-                         resume=args.resume, out_dir=args.out)
-    job = start_training(config)
-    _print(f"training {name} in a worker process (pid {job.pid}); log: {job.log_path}")
-    bar = tqdm(desc=f"train {name}", unit="step", dynamic_ncols=True)
+    _print(f"{config.method} run {config.name} in a worker process (pid {job.pid}); log: {job.log_path}")
+    bar = tqdm(desc=f"{config.method} {config.name}", unit="round" if config.method == "rounds" else "step",
+               dynamic_ncols=True)
+    shown_rounds = 0
     try:
         while True:
             info = job.poll()
-            log = [row for row in job.read_log() if "loss" in row]
-            if log:
-                last = log[-1]
+            log = job.read_log()
+            steps = [row for row in log if "loss" in row]
+            rounds = [row for row in log if row.get("stage") == "round"]
+            if rounds and len(rounds) > shown_rounds:  # each round's row as it comes, under one header
+                table = round_table(rounds).splitlines()
+                bar.write("\n".join(table if shown_rounds == 0 else table[1 + shown_rounds:]))
+                shown_rounds = len(rounds)
+                bar.total, bar.n = config.rounds, rounds[-1]["round"]
+            elif steps and config.method != "rounds":
                 bar.total = info.get("max_steps") or bar.total
-                bar.n = last.get("step", bar.n)
-                bar.set_postfix(loss=f"{last['loss']:.3f}", margin=f"{last.get('rewards/margins', 0):.2f}",
-                                acc=f"{last.get('rewards/accuracies', 0):.2f}")
-                bar.refresh()
-            if info["status"] in ("finished", "stopped", "failed"):
+                bar.n = steps[-1].get("step", bar.n)
+                bar.set_postfix(_progress_postfix(steps[-1]))
+            bar.refresh()
+            if info["status"] in TERMINAL and shown_rounds == len([r for r in job.read_log() if r.get("stage") == "round"]):
                 break
             time.sleep(1)
     except KeyboardInterrupt:
@@ -205,7 +242,42 @@ def cmd_train(args: argparse.Namespace) -> int:
     if info["status"] == "failed":
         sys.stderr.write(f"training failed: {info.get('error')}\n{info.get('log_tail', '')}\n")
         return 1
-    _print(f"{info['status']}: model {name} in {config.out / 'model'} (python -m fcapp models)")
+    _print(f"{info['status']}: model {config.name} in {config.out / 'model'} (fcapp models)")
+    return 0
+
+
+def _default_name(args: argparse.Namespace, method: str) -> str:
+    import time
+
+    what = (args.task or "").split(",")[0] or os.path.splitext(os.path.basename(args.data or ""))[0] or "run"
+    return f"{method}-{what}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from fcapp.training import start_training
+    from fcapp.training.config import config_from_args
+
+    method = args.method or "dpo"
+    name = args.name or (os.path.basename(os.path.normpath(args.out_dir)) if args.out_dir else _default_name(args, method))
+    config = config_from_args(args, name=name, method=method)
+    return _follow(start_training(config, _store(args) if args.db else None), config)
+
+
+def cmd_improve(args: argparse.Namespace) -> int:
+    from fcapp.training import start_training
+    from fcapp.training.config import config_from_args
+
+    config = config_from_args(args, name=args.name or _default_name(args, "rounds"), method="rounds")
+    return _follow(start_training(config), config)
+
+
+def cmd_examples(args: argparse.Namespace) -> int:
+    from fcapp.trainsets import make_examples
+
+    sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
+    tasks = [t.strip() for t in args.task.split(",") if t.strip()]
+    card = make_examples(_store(args), tasks, args.out, sources, args.max_per_problem)
+    _print(json.dumps(card, indent=2))
     return 0
 
 
@@ -220,7 +292,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from fcapp.train import list_models
+    from fcapp.training import list_models
 
     models = list_models()
     if args.json:
@@ -283,9 +355,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--problems", help="your own problems: a JSONL file in the task's format")
-    p.add_argument("--max-steps", type=int, default=10, help="step limit (the paper reports 10 and 20)")
+    p.add_argument("--max-steps", type=_step_limits, default=[10],
+                   help="step limit, or several comma-separated (the paper reports 10,20): the chains run at the "
+                        "largest and the smaller limits are read off them exactly")
     p.add_argument("--max-new-tokens", type=int, default=160)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--strict", action="store_true",
+                   help="a malformed row of --problems is an error (default: skipped and reported)")
     p.add_argument("--report", help="HTML report path (default: the data folder's reports/)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--db")
@@ -301,22 +377,29 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(needed for a non-loopback host; a key on the command line would show in ps)")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("train", help="DPO on a preference file, in a worker process")
-    p.add_argument("--pairs", required=True, help="preference file from `fcapp pairs` (JSONL or Parquet)")
-    p.add_argument("--name", help="registered model name (default: the --out folder's name or dpo-DATE)")
-    p.add_argument("--base", default="smollm2", help="model to tune")
-    p.add_argument("--method", choices=["lora", "full"], default="lora")
-    p.add_argument("--epochs", type=float, default=3.0)
-    p.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")
-    p.add_argument("--beta", type=float, default=0.1)
-    p.add_argument("--lr", type=float, help="learning rate (default depends on --method)")
-    p.add_argument("--batch-size", type=int, default=2)
-    p.add_argument("--grad-accum", type=int, default=2)
-    p.add_argument("--max-length", type=int, default=1024)
-    p.add_argument("--sft-warmup-steps", type=int, default=0, help="SFT on chosen chains before DPO")
-    p.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
-    p.add_argument("--out", help="run folder (default: the data folder's models/NAME)")
+    p = sub.add_parser("examples", help="verified chains -> SFT examples (JSONL or .parquet)")
+    p.add_argument("--task", required=True, help="task, or several comma-separated (one mixed set)")
+    p.add_argument("--out", required=True, help="output file (.jsonl or .parquet)")
+    p.add_argument("--sources", default="reference,teacher,human",
+                   help="which correct chains: reference, teacher (verifier-accepted), human (accepted by a person)")
+    p.add_argument("--max-per-problem", type=int, default=4)
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_examples)
+
+    from fcapp.training.config import add_arguments
+
+    p = sub.add_parser("train", help="SFT, DPO or GRPO in a worker process (see fcapp/training/config.py)")
+    add_arguments(p, methods=("sft", "dpo", "grpo"), skip=("method", "data"))
+    p.add_argument("--method", choices=["sft", "dpo", "grpo"], help="training method (default: dpo)")
+    p.add_argument("--data", "--pairs", dest="data",
+                   help="training file: preference pairs (dpo) or SFT examples (sft); default: built from the "
+                        "store's chains of --task")
+    p.add_argument("--db", help="SQLite store the data is built from (default: the data folder's)")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("improve", help="iterative rounds: sample with the current model, verify, train, evaluate")
+    add_arguments(p, methods=("rounds",), skip=("method", "data", "warmup_steps", "warmup_data"))
+    p.set_defaults(func=cmd_improve)
 
     p = sub.add_parser("models", help="list tuned models, newest first")
     p.add_argument("--json", action="store_true")

@@ -2,6 +2,11 @@
 
 Reports accuracy with a 95% Wilson interval, valid-call rate, mean steps / tokens / latency per
 model, and an exact McNemar test of each model against base on the paired outcomes.
+
+Chains are greedy, so a local model solves several problems in one continuous batch (the same chains
+as one at a time: tests/test_perf_equivalence.py). Several step limits come from one run at the
+largest: a chain's first L steps do not depend on the limit (the prompt does not state it), so under
+limit L a chain is the same when it ended within L steps, and unanswered otherwise.
 """
 
 from __future__ import annotations
@@ -9,7 +14,6 @@ from __future__ import annotations
 import html
 import math
 import threading
-import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -20,6 +24,7 @@ from fcapp.tasks import get_task
 from fcapp.tasks.base import Problem
 
 BASE = "base"
+BATCH = 8  # chains decoded together on a local model
 
 
 @dataclass
@@ -32,6 +37,8 @@ class EvalConfig:
     max_steps: int = 10
     seed: int = 0
     max_new_tokens: int = 160
+    step_limits: list[int] | None = None  # also report these (<= max_steps) limits, derived from the same chains
+    strict: bool = False  # a malformed row of problems_file is an error (default: skipped and reported)
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
@@ -55,16 +62,43 @@ def mcnemar_exact(base: list[bool], other: list[bool]) -> float:
     return min(1.0, 2 * tail)
 
 
-def load_problems(config: EvalConfig) -> list[Problem]:
+def load_problems(config: EvalConfig) -> tuple[list[Problem], list[str]]:
+    """The problems to evaluate (first `limit`), and the rows of problems_file that were skipped."""
     task = get_task(config.task)
-    problems = task.load_file(config.problems_file) if config.problems_file else task.split(config.split)
-    return problems[: config.limit] if config.limit else problems
+    if config.problems_file:
+        loaded = task.load_file(config.problems_file, config.strict)
+        problems, skipped = loaded.problems, loaded.skipped
+    else:
+        problems, skipped = task.split(config.split), []
+    return (problems[: config.limit] if config.limit else problems), skipped
 
 
 def resolve_model(name: str) -> ChatModel:
     from fcapp.models import get_model
 
     return get_model("smollm2" if name == BASE else name)
+
+
+def outcome(problem: Problem, chain: Any) -> dict[str, Any]:
+    """What evaluation keeps of a chain: the verdict and answer, and per step its validity, tokens and time
+    (so a smaller step limit can be read off the same chain)."""
+    return {
+        "problem_id": problem.id, "correct": bool(chain.verdict), "answer": chain.answer, "expected": problem.answer,
+        "steps": len(chain.steps), "valid_calls": chain.valid_calls, "tokens": chain.completion_tokens,
+        "latency_s": round(chain.elapsed_s, 3), "stop_reason": chain.stop_reason,
+        "valid_by_step": [s.call is not None and s.error is None for s in chain.steps],
+        "tokens_by_step": [s.completion_tokens for s in chain.steps],
+        "seconds_by_step": [round(s.elapsed_s + s.tool_elapsed_s, 3) for s in chain.steps],
+    }
+
+
+def at_step_limit(o: dict[str, Any], limit: int) -> dict[str, Any]:
+    """The outcome the chain would have had under a smaller step limit (exact, see the module docstring)."""
+    if o["steps"] <= limit:
+        return o
+    return o | {"correct": False, "answer": None, "steps": limit, "valid_calls": sum(o["valid_by_step"][:limit]),
+                "tokens": sum(o["tokens_by_step"][:limit]), "latency_s": round(sum(o["seconds_by_step"][:limit]), 3),
+                "stop_reason": "max_steps"}
 
 
 def summarize(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -93,7 +127,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Run every model on the same problems; returns the result object (and stores it when given a store)."""
     task = get_task(config.task)
-    problems = load_problems(config)
+    problems, skipped = load_problems(config)
     if not problems:
         raise ValueError(f"no problems to evaluate for task {config.task} ({config.split})")
     solve_config = SolveConfig(config.max_steps, 0.0, 1.0, config.max_new_tokens, config.seed)
@@ -101,34 +135,57 @@ def evaluate(
     total, done = len(problems) * len(config.models), 0
     for name in config.models:
         model = (models or {}).get(name) or resolve_model(name)
-        outcomes = per_problem[name] = []
-        for problem in problems:
-            if stop is not None and stop.is_set():
-                raise InterruptedError("evaluation stopped")
-            began = time.perf_counter()
-            chain = solve(task, problem, model, solve_config)
-            outcomes.append({
-                "problem_id": problem.id, "correct": bool(chain.verdict), "answer": chain.answer,
-                "expected": problem.answer, "steps": len(chain.steps), "valid_calls": chain.valid_calls,
-                "tokens": chain.completion_tokens, "latency_s": round(time.perf_counter() - began, 3),
-                "stop_reason": chain.stop_reason,
-            })
+        chains: dict[int, Any] = {}
+        for index, chain in _solve_all(task, problems, model, solve_config, stop):
+            chains[index] = chain
             done += 1
             if on_progress:
                 on_progress(done, total, name)
-    results: dict[str, Any] = {"task": task.name, "n": len(problems), "models": {}}
-    reference = BASE if BASE in config.models else config.models[0]
-    base_outcomes = per_problem[reference]
-    for name in config.models:
-        summary = summarize(per_problem[name])
-        summary["p_value_vs_base"] = None if name == reference else mcnemar_exact(
-            [o["correct"] for o in base_outcomes], [o["correct"] for o in per_problem[name]])
-        results["models"][name] = summary
+        if len(chains) < len(problems):
+            raise InterruptedError("evaluation stopped")
+        per_problem[name] = [outcome(problem, chains[i]) for i, problem in enumerate(problems)]
+    results: dict[str, Any] = {"task": task.name, "n": len(problems), "max_steps": config.max_steps}
+    limits = sorted({limit for limit in (config.step_limits or []) if limit < config.max_steps} | {config.max_steps})
+    results["by_step_limit"] = {str(limit): _compare(config.models, {
+        name: [at_step_limit(o, limit) for o in outcomes] for name, outcomes in per_problem.items()})
+        for limit in limits}
+    results["models"] = results["by_step_limit"][str(config.max_steps)]
     results["per_problem"] = per_problem
     results["config"] = asdict(config)
+    results["skipped_rows"] = skipped
     if store is not None:
         results["eval_id"] = store.add_eval(task.name, config.models, asdict(config), results)
     return results
+
+
+def _compare(names: list[str], per_problem: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Each model's summary, with its exact McNemar p-value against base (or the first model)."""
+    reference = BASE if BASE in names else names[0]
+    compared = {}
+    for name in names:
+        summary = summarize(per_problem[name])
+        summary["p_value_vs_base"] = None if name == reference else mcnemar_exact(
+            [o["correct"] for o in per_problem[reference]], [o["correct"] for o in per_problem[name]])
+        compared[name] = summary
+    return compared
+
+
+def _solve_all(task: Any, problems: list[Problem], model: ChatModel, config: SolveConfig,
+               stop: threading.Event | None) -> Any:
+    """(index, verified chain) for each problem as it finishes: in one continuous batch on a local model,
+    one after another otherwise. Stops early (yielding fewer) once `stop` is set; a model error raises."""
+    if hasattr(model, "generate_continuous"):
+        from fcapp.batching import iter_solve_batch
+
+        for index, result in iter_solve_batch(task, [(p, config) for p in problems], model, BATCH, stop):
+            if isinstance(result, Exception):
+                raise result
+            yield index, result
+        return
+    for index, problem in enumerate(problems):
+        if stop is not None and stop.is_set():
+            return
+        yield index, solve(task, problem, model, config)
 
 
 def differing_problems(result: dict[str, Any], first: str, second: str) -> list[dict[str, Any]]:

@@ -305,8 +305,8 @@ def test_curate_labels_change_the_pair_count(page, app):
 
 def test_train_tiny_run_survives_a_reload(page):
     open_tab(page, "Train")
-    page.get_by_text("Advanced settings").click()
-    for elem_id, value in (("train-max-steps", "2"), ("train-batch", "1"), ("train-accum", "1")):
+    page.locator("#train-advanced").get_by_text("Settings").first.click()
+    for elem_id, value in (("train-max-steps", "2"), ("train-batch-size", "1"), ("train-grad-accum", "1")):
         set_number(page, elem_id, value)
     page.locator("#train-name textarea, #train-name input").first.fill(TUNED)
     page.click("#train-start")
@@ -321,13 +321,39 @@ def test_train_tiny_run_survives_a_reload(page):
     expect(progress).to_have_attribute("data-status", re.compile("starting|running"))
 
     expect(progress).to_have_attribute("data-step", re.compile(r"[1-9]"), timeout=400_000)  # still progressing
-    expect(page.locator("#train-loss .scatterlayer .trace").first).to_be_attached()  # the chart drew the loss
+    expect(page.locator("#train-chart-main .scatterlayer .trace").first).to_be_attached()  # the chart drew the loss
     expect(progress).to_have_attribute("data-status", "finished", timeout=400_000)
     expect(progress).to_have_attribute("data-step", "2")
     expect(page.locator("#train-note")).to_contain_text(f"Run {TUNED} finished")
     expect(page.locator("#train-history")).to_contain_text(TUNED)
-    expect(page.locator("#train-rewards .scatterlayer .trace").first).to_be_attached()
+    expect(page.locator("#train-chart-side .scatterlayer .trace").first).to_be_attached()
     screenshot(page, "train")
+
+
+def test_train_tiny_grpo_run_draws_its_reward_chart(page):
+    """GRPO from the Train tab: the method's own settings appear, and the reward chart grows per step."""
+    open_tab(page, "Train")
+    page.locator("#train-method-choice").get_by_text("grpo").click()
+    expect(page.locator("#train-method-note")).to_contain_text("verifier's verdict is the reward")
+    page.locator("#train-task input").fill("fol")
+    page.locator("#train-task input").press("Enter")
+    page.locator("#train-advanced").get_by_text("Settings").first.click()
+    for elem_id, value in (("train-max-steps", "2"), ("train-num-generations", "2"), ("train-limit", "2"),
+                           ("train-chain-steps", "2"), ("train-max-new-tokens", "40"), ("train-grad-accum", "1")):
+        set_number(page, elem_id, value)
+    expect(page.locator("#train-beta")).to_be_hidden()  # a DPO-only option
+    page.locator("#train-name textarea, #train-name input").first.fill("tiny-grpo")
+    page.click("#train-start")
+    expect(page.locator("#train-note")).to_contain_text("Started tiny-grpo", timeout=120_000)
+    progress = page.locator("#train-progress-inner")
+    expect(progress).to_have_attribute("data-method", "grpo")
+    expect(progress).to_have_attribute("data-step", "1", timeout=600_000)
+    rewards = page.locator("#train-chart-main .scatterlayer .trace .point")
+    expect(rewards.first).to_be_attached()
+    first = rewards.count()
+    expect(progress).to_have_attribute("data-status", "finished", timeout=600_000)
+    expect(page.locator("#train-chart-main .scatterlayer .trace .point")).not_to_have_count(first)  # step 2 drawn
+    expect(page.locator("#train-history")).to_contain_text("grpo")
 
 
 def test_compare_base_and_tuned_side_by_side(page):

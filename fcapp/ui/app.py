@@ -37,9 +37,9 @@ def _dot(color: str) -> str:
     return f"<span style='color:{color}'>●</span>"
 
 
-def busy_badge(store: Store) -> str:
+def busy_badge() -> str:
     """What holds the model slot, and which training runs are going."""
-    from fcapp import train as training
+    from fcapp import training
 
     parts = []
     holding = common.busy_now()
@@ -47,14 +47,10 @@ def busy_badge(store: Store) -> str:
         parts.append(f"{_dot('#d97706')} model busy: {'; '.join(holding)}")
     else:
         parts.append(f"{_dot('#16a34a')} model slot free")
-    for run in store.list_runs(status="running", limit=5):
-        try:
-            info = training.attach(run["out_dir"] or run["name"]).poll()
-        except (OSError, ValueError):
-            continue
-        if info.get("status") not in training.TERMINAL:
-            step = f" step {info.get('step')}/{info.get('max_steps')}" if info.get("max_steps") else ""
-            parts.append(f"{_dot('#4f46e5')} training {run['name']}{step}")
+    for run in training.list_runs():  # run folders: CLI runs count too
+        if run["status"] not in training.TERMINAL:
+            step = f" step {run['step']}/{run['max_steps']}" if run.get("max_steps") else ""
+            parts.append(f"{_dot('#4f46e5')} training {run['name']} ({run['method']}){step}")
     return " · ".join(parts)
 
 
@@ -66,14 +62,14 @@ def build_app(db: str | None = None) -> gr.Blocks:
         with gr.Row():
             gr.Markdown("## fcapp · function calling for small language models "
                         "([DPO on verified chains](https://arxiv.org/abs/2410.18890))")
-            badge = gr.Markdown(busy_badge(store), elem_id="busy")
+            badge = gr.Markdown(busy_badge(), elem_id="busy")
         with gr.Tabs(elem_id="tabs"):
             functions.build(ctx)
             solve.build(ctx)
             curate.build(ctx)
             train.build(ctx)
             compare.build(ctx)
-        gr.Timer(2.0).tick(lambda: busy_badge(store), None, badge, show_progress="hidden")
+        gr.Timer(2.0).tick(busy_badge, None, badge, show_progress="hidden")
         for fn, inputs, outputs in ctx.loaders:
             demo.load(fn, inputs, outputs, show_progress="hidden")
     demo.queue(default_concurrency_limit=4)

@@ -72,7 +72,7 @@ def model_choices() -> list[str]:
     """The embedded model and every registered tuned model, newest first."""
     names = [EMBEDDED]
     try:
-        from fcapp.train import list_models
+        from fcapp.training import list_models
 
         names += [m["name"] for m in list_models() if m.get("name")]
     except (ImportError, OSError, ValueError):

@@ -9,7 +9,7 @@ import time
 import gradio as gr
 
 from fcapp.generate import GenerateConfig, generate
-from fcapp.pairs import PairPolicy, import_pairs, make_pairs
+from fcapp.trainsets import PairPolicy, TrainingDataError, import_pairs, make_pairs
 from fcapp.paths import data_dir
 from fcapp.solve import edit_final_answer
 from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, chatbot, default_task,
@@ -139,7 +139,10 @@ def build(ctx: Context) -> None:
         if not task:
             return None, "Pick a task."
         out = data_dir("exports") / f"pairs-{task}-{time.strftime('%Y%m%d-%H%M%S')}.{fmt}"
-        card = make_pairs(store, task, out, PairPolicy(int(max_per), bool(dedup), bool(use_ref)))
+        try:
+            card = make_pairs(store, task, out, PairPolicy(int(max_per), bool(dedup), bool(use_ref)))
+        except TrainingDataError as exc:  # no pairs yet: nothing is written or offered
+            return None, f"Nothing to export: {exc}."
         note = (f"Built **{card['pairs']} pairs** from {card['chains']} chains (policy {card['policy']['name']}); "
                 f"files: {', '.join(f.rsplit('/', 1)[-1] for f in card['files'])}")
         return card["files"], note
@@ -149,10 +152,11 @@ def build(ctx: Context) -> None:
             return "Choose a JSONL or Parquet preference file.", gr.update()
         path = safe_upload(file, getattr(file, "orig_name", None) or str(file))
         try:
-            n = import_pairs(path, store)
+            imported = import_pairs(path, store)
         except ValueError as exc:
             return f"✗ {exc}", gr.update()
-        return f"Imported {n} pairs from {path.name} (pair set 'imported').", counts_md(task)
+        return (f"Imported {imported['pairs']} pairs from {path.name} as pair set **{imported['policy']}** "
+                "(the Train tab can train on it)."), counts_md(task)
 
     def run_generation(task, teacher, samples, limit, split, temperature, reference, max_steps, max_new,
                        progress=gr.Progress()):
@@ -244,7 +248,8 @@ def build(ctx: Context) -> None:
                                             label="Teacher (a model name or http://HOST:PORT/v1#MODEL)")
                 samples = gr.Slider(1, 16, value=4, step=1, label="Samples per problem")
                 limit = gr.Number(5, precision=0, label="First N problems (0 = all)")
-                gen_split = gr.Radio(["train", "heldout", "all"], value="train", label="Split")
+                gen_split = gr.Radio(["train"], value="train", label="Split",
+                                     info="held-out problems are kept for evaluation and never trained on")
             with gr.Row():
                 temperature = gr.Slider(0, 1.5, value=0.8, step=0.05, label="Temperature")
                 max_steps = gr.Slider(1, 20, value=10, step=1, label="Step limit")

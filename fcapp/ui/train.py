@@ -1,243 +1,336 @@
-"""Train tab: one click runs DPO on the current pairs in a worker process; live charts; stop; reattach.
+"""Train tab: pick a method (SFT, DPO, GRPO, rounds), one click trains in a worker process; live charts for
+the method; stop; reattach after a reload; every run (from the app or the CLI) in the history.
 
-The run belongs to its worker process, not to the page: closing the tab changes nothing, and a page
-load looks for a run still going (the store's runs, then the model folders) and follows it again.
+The form is generated from TrainConfig: one component per option, shown for the methods it applies to,
+with the method's defaults. A run belongs to its worker process, not to the page: closing the tab
+changes nothing, and a page load finds a run still going in the run folders and follows it again.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import threading
 import time
-from pathlib import Path
+import typing
 from typing import Any
 
 import gradio as gr
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from fcapp import train as training
-from fcapp.pairs import PairPolicy, make_pairs
-from fcapp.paths import data_dir, models_dir
+from fcapp import training
+from fcapp.paths import data_dir
+from fcapp.training.config import METHODS, TrainConfig, defaults
+from fcapp.trainsets import SFT_SOURCES, export_pairs
 from fcapp.ui.common import EMBEDDED, Context, default_task, fmt_seconds, model_choices, task_choices
 
-HISTORY_HEADERS = ["run", "name", "status", "steps", "pairs", "final loss", "margin", "started", "seconds"]
+HISTORY_HEADERS = ["name", "method", "task", "status", "steps", "rows", "result", "started", "seconds"]
+FROM_CHAINS = "built from the store's chains"
+# Chosen in the header of the tab, or not options of a run started from the app.
+NOT_IN_FORM = ("name", "method", "data", "task", "base", "out_dir", "resume", "db", "warmup_data", "lora_targets")
+METHOD_NOTES = {
+    "sft": "Supervised fine-tuning on correct chains (reference, verifier-accepted, accepted by a person); the loss "
+           "covers the model's calls only. The first step for a small model.",
+    "dpo": "Preference pairs: a correct and an incorrect chain of the same problem (the paper's method).",
+    "grpo": "Online RL: the model solves training problems in groups of chains; the verifier's verdict is the reward.",
+    "rounds": "Self-improvement: sample chains with the current model, verify, train on them, evaluate; repeat.",
+}
 
 
-# ---- charts ---------------------------------------------------------------------------------------------
-def charts(log: list[dict[str, Any]]) -> tuple[go.Figure, go.Figure]:
-    loss = go.Figure()
-    rewards = make_subplots(specs=[[{"secondary_y": True}]])
-    for stage in ("sft", "dpo"):
-        rows = [r for r in log if r.get("stage", "dpo") == stage and "loss" in r]
-        if not rows:
-            continue
-        steps = [r["step"] for r in rows]
-        loss.add_trace(go.Scatter(x=steps, y=[r["loss"] for r in rows], mode="lines+markers", name=f"{stage} loss"))
-        if stage == "dpo":
-            rewards.add_trace(go.Scatter(x=steps, y=[r.get("rewards/margins") for r in rows], mode="lines+markers",
-                                         name="reward margin"), secondary_y=False)
-            rewards.add_trace(go.Scatter(x=steps, y=[r.get("rewards/accuracies") for r in rows],
-                                         mode="lines+markers", name="reward accuracy"), secondary_y=True)
-    last_step = max((r.get("step", 0) for r in log), default=0)
-    for figure in (loss, rewards):  # whole steps on the x axis
-        figure.update_xaxes(tick0=0, dtick=max(1, -(-last_step // 10)))
-    loss.update_layout(title="Loss", xaxis_title="step", height=300, margin=dict(l=40, r=20, t=40, b=40))
-    rewards.update_layout(title="DPO rewards", xaxis_title="step", height=300, margin=dict(l=40, r=40, t=40, b=40))
-    rewards.update_yaxes(title_text="margin", secondary_y=False)
-    rewards.update_yaxes(title_text="accuracy", range=[0, 1.05], secondary_y=True)
-    return loss, rewards
+# ---- the form, from TrainConfig --------------------------------------------------------------------------
+def form_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(TrainConfig) if f.name not in NOT_IN_FORM]
 
 
-def progress_html(name: str, info: dict[str, Any], log: list[dict[str, Any]]) -> str:
+def _component(f: dataclasses.Field, method: str) -> gr.components.Component:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    optional = type(None) in typing.get_args(hint)
+    base = args[0] if optional and len(args) == 1 else hint
+    label = f.name.replace("_", " ")
+    common = dict(label=label, info=f.metadata["help"], elem_id=f"train-{f.name.replace('_', '-')}",
+                  visible=method in f.metadata["methods"])
+    value = defaults(method).get(f.name, f.default)
+    if typing.get_origin(base) is typing.Literal:
+        return gr.Dropdown(list(typing.get_args(base)), value=value, **common)
+    if base is bool:
+        if optional:
+            return gr.Dropdown(["auto", "on", "off"], value=_tri(value), **common)
+        return gr.Checkbox(bool(value), **common)
+    if base is int:
+        return gr.Number(value, precision=0, **common)
+    return gr.Number(value, **common)
+
+
+def _tri(value: bool | None) -> str:
+    return {None: "auto", True: "on", False: "off"}[value]
+
+
+def _from_form(f: dataclasses.Field, value: Any) -> Any:
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if value in ("auto", "on", "off"):
+        return {"auto": None, "on": True, "off": False}[value]
+    if value is None or value == "":
+        return None if type(None) in typing.get_args(hint) else f.default
+    if hint is int or int in typing.get_args(hint):
+        return int(value)
+    if hint is float or float in typing.get_args(hint):
+        return float(value)
+    return value
+
+
+# ---- charts --------------------------------------------------------------------------------------------
+def _series(log: list[dict[str, Any]], stage: str, key: str) -> tuple[list, list]:
+    rows = [r for r in log if r.get("stage") == stage and isinstance(r.get(key), (int, float))]
+    return [r["step"] for r in rows], [r[key] for r in rows]
+
+
+def charts(method: str, log: list[dict[str, Any]]) -> tuple[go.Figure, go.Figure]:
+    """The two live charts of a run: what its method optimises, and how its output looks."""
+    main, side = go.Figure(), make_subplots(specs=[[{"secondary_y": True}]])
+    if method == "rounds":
+        rounds = [r for r in log if r.get("stage") == "round"]
+        x, acc = [r["round"] for r in rounds], [r["accuracy"] for r in rounds]
+        error = dict(type="data", symmetric=False, array=[r["accuracy_ci"][1] - r["accuracy"] for r in rounds],
+                     arrayminus=[r["accuracy"] - r["accuracy_ci"][0] for r in rounds])
+        main.add_trace(go.Scatter(x=x, y=acc, error_y=error, mode="lines+markers", name="held-out accuracy"))
+        main.add_trace(go.Scatter(x=x, y=[r["valid_call_rate"] for r in rounds], mode="lines+markers",
+                                  name="valid-call rate"))
+        main.update_layout(title="Held-out accuracy per round (95% interval)", xaxis_title="round")
+        main.update_yaxes(range=[0, 1.05])
+        for k in sorted({r["round"] for r in log if r.get("stage") in ("sft", "dpo")}):
+            rows = [r for r in log if r.get("round") == k and "loss" in r]
+            side.add_trace(go.Scatter(x=[r["step"] for r in rows], y=[r["loss"] for r in rows], mode="lines+markers",
+                                      name=f"round {k} loss"))
+        side.update_layout(title="Training loss in each round")
+    elif method == "grpo":
+        for key, name in (("reward", "mean reward"), ("rewards/correct/mean", "accuracy of the sampled chains")):
+            x, y = _series(log, "grpo", key)
+            main.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=name))
+        main.update_layout(title="Reward and accuracy of the sampled groups")
+        x, y = _series(log, "grpo", "kl")
+        side.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="KL to the start"), secondary_y=False)
+        x, y = _series(log, "grpo", "completions/mean_length")
+        side.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="completion tokens"), secondary_y=True)
+        side.update_layout(title="KL (kl_beta > 0) and completion length")
+        side.update_yaxes(title_text="KL", secondary_y=False)
+        side.update_yaxes(title_text="tokens", secondary_y=True)
+    else:
+        for stage in ("warmup", method):
+            x, y = _series(log, stage, "loss")
+            if y:
+                main.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name=f"{stage} loss"))
+        main.update_layout(title="Loss")
+        if method == "dpo":
+            x, y = _series(log, "dpo", "rewards/margins")
+            side.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="reward margin"), secondary_y=False)
+            x, y = _series(log, "dpo", "rewards/accuracies")
+            side.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="reward accuracy"), secondary_y=True)
+            side.update_layout(title="DPO rewards")
+            side.update_yaxes(title_text="accuracy", range=[0, 1.05], secondary_y=True)
+        else:
+            x, y = _series(log, method, "mean_token_accuracy")
+            side.add_trace(go.Scatter(x=x, y=y, mode="lines+markers", name="token accuracy"))
+            side.update_layout(title="Token accuracy on the model's calls")
+    for figure in (main, side):
+        figure.update_layout(xaxis_title=figure.layout.xaxis.title.text or "step", height=300,
+                             margin=dict(l=40, r=40, t=40, b=40))
+    return main, side
+
+
+def progress_html(name: str, method: str, info: dict[str, Any], log: list[dict[str, Any]]) -> str:
     status = info.get("status", "starting")
     last = log[-1] if log else {}
-    step, total = last.get("step", info.get("step", 0)) or 0, last.get("max_steps", info.get("max_steps")) or 0
+    if method == "rounds":
+        step, total = info.get("round") or 0, info.get("max_steps") or 0
+        step = max([r["round"] for r in log if r.get("stage") == "round"], default=0)
+    else:
+        step, total = last.get("step", info.get("step", 0)) or 0, last.get("max_steps", info.get("max_steps")) or 0
     fraction = step / total if total else (1.0 if status == "finished" else 0.0)
-    parts = [f"<b>{name}</b>", f"status <b id='train-status-word'>{status}</b>"]
+    parts = [f"<b>{name}</b> ({method})", f"status <b id='train-status-word'>{status}</b>"]
     if total:
-        parts.append(f"step {step}/{total}")
-    if status in ("starting", "running") and last.get("eta_s") is not None:
+        parts.append(f"{'round' if method == 'rounds' else 'step'} {step}/{total}")
+    if info.get("stage") and status == "running":
+        parts.append(f"stage {info['stage']}")
+    if status in ("starting", "running") and last.get("eta_s") is not None and method != "rounds":
         parts.append(f"ETA {fmt_seconds(last['eta_s'])}")
     if "loss" in last:
         parts.append(f"loss {last['loss']:.4f}")
-    if info.get("stage") == "loading" and not log:
-        parts.append("loading the model…")
     if info.get("error"):
         parts.append(f"<span style='color:#c00'>{info['error']}</span>")
-    bar = (f"<div class='fc-bar'><div style='width:{100 * min(fraction, 1):.0f}%'></div></div>")
-    return f"<div id='train-progress-inner' data-step='{step}' data-status='{status}'>{bar}{' · '.join(parts)}</div>"
+    bar = f"<div class='fc-bar'><div style='width:{100 * min(fraction, 1):.0f}%'></div></div>"
+    return (f"<div id='train-progress-inner' data-step='{step}' data-status='{status}' data-method='{method}'>"
+            f"{bar}{' · '.join(parts)}</div>")
 
 
-# ---- runs -----------------------------------------------------------------------------------------------
-def _card(out: str | Path) -> dict[str, Any]:
-    try:
-        return json.loads((Path(out) / "card.json").read_text())
-    except (OSError, ValueError):
-        return {}
+def _result(run: dict[str, Any]) -> str:
+    metrics = run.get("metrics") or {}
+    for key, label in (("accuracy", "held-out acc"), ("reward", "reward"), ("rewards/margins", "margin"),
+                       ("loss", "loss")):
+        if isinstance(metrics.get(key), (int, float)):
+            return f"{label} {metrics[key]:.3f}"
+    return ""
 
 
+def history() -> list[list]:
+    return [[r["name"], r["method"] or "", r["task"] or "", r["status"], r["step"] or "", r["rows"] or "",
+             _result(r), (r["started"] or "")[:16].replace("T", " "), r["train_seconds"] or ""]
+            for r in training.list_runs()[:50]]
+
+
+# ---- the tab -------------------------------------------------------------------------------------------
 def build(ctx: Context) -> None:
     store = ctx.store
+    fields = form_fields()
 
-    def job_of(run: dict[str, Any]) -> training.TrainingJob:
-        return training.attach(run["out"])
+    def pair_sets(task: str | None) -> list[str]:
+        sets = sorted({p["policy"] for p in store.list_pairs(task=task) if p["policy"].startswith("imported")})
+        return [FROM_CHAINS, *sets]
 
-    def settle(run: dict[str, Any], info: dict[str, Any]) -> None:
-        """Record a finished run's outcome in the store (once)."""
-        if run.get("id") is None or info.get("status") not in training.TERMINAL:
-            return
-        stored = store.get_run(run["id"])
-        if stored and stored["status"] in training.TERMINAL:
-            return
-        card = _card(run["out"])
-        store.update_run(run["id"], status=info["status"], metrics=card.get("metrics") or {},
-                         finished_at=time.time())
-
-    def history() -> list[list]:
-        rows = []
-        for r in store.list_runs(limit=50):
-            card = _card(r["out_dir"] or "")
-            metrics = card.get("metrics") or r.get("metrics") or {}
-            rows.append([r["id"], r["name"], r["status"], card.get("global_step", ""),
-                         (card.get("data") or {}).get("rows", ""),
-                         f"{metrics['loss']:.4f}" if isinstance(metrics.get("loss"), (int, float)) else "",
-                         f"{metrics['rewards/margins']:.3f}" if isinstance(metrics.get("rewards/margins"), (int, float))
-                         else "", time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created_at"])),
-                         card.get("train_seconds", "")])
-        return rows
-
-    def view(run: dict[str, Any] | None):
-        """Charts, progress, card and whether to keep polling, for one run."""
+    def view(run: dict[str, Any] | None) -> dict:
+        """Charts, progress, card, settings, worker output and whether to keep polling, for one run."""
         if not run:
-            loss, rewards = charts([])
-            return loss, rewards, "<div id='train-progress-inner' data-status='none'>No run yet.</div>", {}, False, 0
-        job = job_of(run)
-        info = job.poll()
-        log = job.read_log()
-        settle(run, info)
-        loss, rewards = charts(log)
+            main, side = charts("dpo", [])
+            return {chart_main: main, chart_side: side, settings: {}, card: {}, worker_log: "", timer: gr.Timer(active=False),
+                    progress: "<div id='train-progress-inner' data-status='none'>No run yet: pick a method and "
+                              "press Train.</div>"}
+        job = training.attach(run["out"])
+        info, log = job.poll(), job.read_log()
+        method = job.config.get("method", "dpo")
+        main, side = charts(method, log)
         active = info.get("status") not in training.TERMINAL
-        return loss, rewards, progress_html(run["name"], info, log), _card(run["out"]), active, len(log)
+        return {chart_main: main, chart_side: side, progress: progress_html(job.name, method, info, log),
+                card: job.card, settings: job.config, worker_log: job.worker_output(60),
+                timer: gr.Timer(active=active), start_btn: gr.update(interactive=not active)}
 
-    def start(task, base, name, method, epochs, max_steps, lr, beta, batch, accum, max_length, sft_steps, max_per):
+    def on_method(method: str, adapter: str) -> dict:
+        values = defaults(method) | {"adapter": adapter} if method != "rounds" else defaults(method)
+        values["learning_rate"] = TrainConfig(name="x", method=method, task="fol", adapter=adapter).learning_rate
+        updates = {components[f.name]: gr.update(visible=method in f.metadata["methods"],
+                                                 value=_tri(values[f.name]) if f.name in ("bf16", "demo")
+                                                 else values.get(f.name, f.default))
+                   for f in fields if f.name in values}
+        updates |= {components[f.name]: gr.update(visible=False) for f in fields if f.name not in values}
+        return updates | {method_note: METHOD_NOTES[method], pairs: gr.update(visible=method == "dpo"),
+                          sources: gr.update(visible=method == "sft")}
+
+    def start(method, task, base, name, pair_set, chosen_sources, *values):
         if not task:
             raise gr.Error("Pick a task.")
-        name = (name or "").strip() or f"dpo-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        pairs_file = data_dir("exports") / f"train-{name}.jsonl"
+        name = (name or "").strip() or f"{method}-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        options = {f.name: _from_form(f, v) for f, v in zip(fields, values) if method in f.metadata["methods"]}
         try:
-            card = make_pairs(store, task, pairs_file, PairPolicy(int(max_per)))
-            if not card["pairs"]:
-                raise ValueError("no preference pairs yet: curate chains (or generate some) so that some problems "
-                                 "have a correct and an incorrect chain")
-            config = training.TrainConfig(
-                pairs=str(pairs_file), name=name, base=(base or EMBEDDED).strip(), method=method,
-                epochs=float(epochs), learning_rate=float(lr) if lr else None, beta=float(beta),
-                batch_size=int(batch), grad_accum=int(accum), max_length=int(max_length),
-                max_steps=int(max_steps) if max_steps else -1, sft_warmup_steps=int(sft_steps or 0),
-                drop_too_long=True)
-            job = training.start_training(config)
+            data = None
+            if method == "dpo" and pair_set and pair_set != FROM_CHAINS:
+                data = data_dir("exports") / f"{name}-{pair_set}.jsonl"
+                export_pairs(store.list_pairs(task=task, policy=pair_set), data)
+            config = TrainConfig(name=name, method=method, task=task, base=(base or EMBEDDED).strip(),
+                                 data=str(data) if data else None, db=str(store.path), **options)
+            if method == "sft":
+                from fcapp.trainsets import make_examples
+
+                staging = data_dir("exports") / f"{name}-examples.jsonl"
+                make_examples(store, [task], staging, tuple(chosen_sources or SFT_SOURCES))
+                config.data = str(staging)
+            job = training.start_training(config, store)
         except (ValueError, RuntimeError, OSError) as exc:
             raise gr.Error(str(exc)) from None
-        run_id = store.add_run(name, "dpo", config.to_dict(), out_dir=str(job.out), status="running")
-        run = {"id": run_id, "name": name, "out": str(job.out)}
-        note = f"Started **{name}** on {card['pairs']} pairs (worker pid {job.pid}). Closing this tab does not stop it."
-        return (run, note, *view(run)[:4], gr.Timer(active=True), history())
+        run = {"name": name, "out": str(job.out)}
+        return {run_state: run, status_note: f"Started **{name}** ({method}, worker pid {job.pid}). Closing this "
+                                             "tab does not stop it.", runs: history(), **view(run)}
 
     def tick(run, seen):
         if not run:
-            return (gr.update(),) * 4 + (gr.Timer(active=False), seen) + (gr.update(),) * 3
-        loss, rewards, progress, card, active, log_len = view(run)
-        key = f"{run['name']}:{log_len}:{active}"
-        charts_out = (loss, rewards) if key != seen else (gr.update(), gr.update())
-        if active:
-            return (*charts_out, progress, gr.update(), gr.Timer(active=True), key, gr.update(), gr.update(),
-                    gr.update())
-        status = card.get("status") or "ended"
-        return (*charts_out, progress, card, gr.Timer(active=False), key, history(),
-                gr.update(choices=model_choices()), f"Run **{run['name']}** {status}.")
+            return {timer: gr.Timer(active=False)}
+        updates = view(run)
+        job = training.attach(run["out"])
+        key = f"{run['name']}:{len(job.read_log())}:{updates[timer].active}"
+        if key == seen:  # nothing new: leave the charts alone (no flicker)
+            updates.pop(chart_main), updates.pop(chart_side)
+        updates[seen_state] = key
+        if not updates[timer].active:
+            status = job.poll().get("status", "ended")
+            updates |= {runs: history(), base_model: gr.update(choices=model_choices()),
+                        status_note: f"Run **{run['name']}** {status}."}
+        return updates
 
     def stop(run):
         if not run:
             return "No run to stop."
-        job = job_of(run)
+        job = training.attach(run["out"])
         threading.Thread(target=job.stop, daemon=True, name=f"stop-{run['name']}").start()
         return f"Stopping **{run['name']}** after its current step (it saves what it has)…"
 
     def reattach():
-        """On page load: follow a run still going (store first, then model folders), else the latest run."""
-        candidates = [{"id": r["id"], "name": r["name"], "out": r["out_dir"] or str(models_dir() / r["name"])}
-                      for r in store.list_runs(limit=20) if r["out_dir"] or r["name"]]
-        known = {Path(c["out"]).resolve() for c in candidates}
-        folders = sorted(models_dir().glob("*/status.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        candidates += [{"id": None, "name": p.parent.name, "out": str(p.parent)} for p in folders
-                       if p.parent.resolve() not in known]
-        latest = None
-        for run in candidates:
-            if not (Path(run["out"]) / "status.json").exists():
-                continue
-            info = job_of(run).poll()
-            settle(run, info)
-            latest = latest or run
-            if info.get("status") not in training.TERMINAL:
-                note = f"Reattached to **{run['name']}**, still running."
-                return (run, note, *view(run)[:4], gr.Timer(active=True), history(),
-                        gr.update(choices=model_choices()))
-        loss, rewards, progress, card, _, _ = view(latest)
-        return (latest, "", loss, rewards, progress, card, gr.Timer(active=False), history(),
-                gr.update(choices=model_choices()))
+        """On page load: follow a run still going, else show the latest run."""
+        all_runs = training.list_runs()
+        going = next((r for r in all_runs if r["status"] not in training.TERMINAL), None)
+        run = going or (all_runs[0] if all_runs else None)
+        run = {"name": run["name"], "out": run["out"]} if run else None
+        message = f"Reattached to **{run['name']}**, still running." if going else ""
+        return {run_state: run, status_note: message, runs: history(), base_model: gr.update(choices=model_choices()),
+                pairs: gr.update(choices=pair_sets(default_task())), **view(run)}
 
     def open_run(evt: gr.SelectData):
         row = evt.row_value
-        stored = store.get_run(int(row[0])) if row else None
-        if stored is None:
-            return (gr.update(),) * 6
-        run = {"id": stored["id"], "name": stored["name"], "out": stored["out_dir"]}
-        loss, rewards, progress, card, active, _ = view(run)
-        return run, loss, rewards, progress, card or stored, gr.Timer(active=active)
+        match = next((r for r in training.list_runs() if row and r["name"] == row[0]), None)
+        if match is None:
+            return {}
+        run = {"name": match["name"], "out": match["out"]}
+        return {run_state: run, **view(run)}
 
     with gr.Tab("Train", id="train", elem_id="tab-train"):
-        gr.Markdown("DPO on the pairs built from the curated chains. Training runs in its own process: it keeps "
-                    "going when you close the tab, and this page picks it up again when you come back.")
-        run_state, seen = gr.State(None), gr.State("")
+        gr.Markdown("Train the small model on what the store holds. Training runs in its own process: it keeps "
+                    "going when you close the tab, and this page picks it up again when you come back. Held-out "
+                    "problems are never trained on.")
+        run_state, seen_state = gr.State(None), gr.State("")
         with gr.Row():
-            task = gr.Dropdown(list(task_choices()), value=default_task(), label="Task (pairs)", elem_id="train-task")
-            base = gr.Dropdown(model_choices(), value=EMBEDDED, allow_custom_value=True, label="Base model",
-                               elem_id="train-base")
+            method = gr.Radio(list(METHODS), value="dpo", label="Method", elem_id="train-method-choice")
+            task = gr.Dropdown(list(task_choices()), value=default_task(), label="Task", elem_id="train-task")
+            base_model = gr.Dropdown(model_choices(), value=EMBEDDED, allow_custom_value=True, label="Base model",
+                                     elem_id="train-base")
             name = gr.Textbox(label="Name of the tuned model (empty: automatic)", elem_id="train-name")
-        with gr.Accordion("Advanced settings", open=False, elem_id="train-advanced"):
-            with gr.Row():
-                method = gr.Radio(["lora", "full"], value="lora", label="Method", elem_id="train-method")
-                epochs = gr.Number(3, label="Epochs", elem_id="train-epochs")
-                max_steps = gr.Number(0, precision=0, label="Max steps (0: by epochs)", elem_id="train-max-steps")
-                lr = gr.Number(0, label="Learning rate (0: default for the method)", elem_id="train-lr")
-                beta = gr.Number(0.1, label="DPO beta", elem_id="train-beta")
-            with gr.Row():
-                batch = gr.Number(2, precision=0, label="Batch size", elem_id="train-batch")
-                accum = gr.Number(2, precision=0, label="Gradient accumulation", elem_id="train-accum")
-                max_length = gr.Number(1024, precision=0, label="Max length (tokens)", elem_id="train-max-length")
-                sft_steps = gr.Number(0, precision=0, label="SFT warm-up steps", elem_id="train-sft")
-                max_per = gr.Number(4, precision=0, label="Max pairs per problem", elem_id="train-max-per")
+        method_note = gr.Markdown(METHOD_NOTES["dpo"], elem_id="train-method-note")
+        with gr.Row():
+            pairs = gr.Dropdown([FROM_CHAINS], value=FROM_CHAINS, label="Pairs", elem_id="train-pairs",
+                                info="pairs built now from the curated chains, or an imported pair set")
+            sources = gr.CheckboxGroup(list(SFT_SOURCES), value=list(SFT_SOURCES), label="Correct chains from",
+                                       visible=False, elem_id="train-sources")
+        with gr.Accordion("Settings", open=False, elem_id="train-advanced"):
+            components = {}
+            for group in range(0, len(fields), 4):
+                with gr.Row():
+                    for f in fields[group:group + 4]:
+                        components[f.name] = _component(f, "dpo")
         with gr.Row():
             start_btn = gr.Button("Train", variant="primary", elem_id="train-start")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
-        note = gr.Markdown(elem_id="train-note")
+        status_note = gr.Markdown(elem_id="train-note")
         progress = gr.HTML(elem_id="train-progress")
         with gr.Row():
-            loss_plot = gr.Plot(elem_id="train-loss", show_label=False)
-            rewards_plot = gr.Plot(elem_id="train-rewards", show_label=False)
+            chart_main = gr.Plot(elem_id="train-chart-main", show_label=False)
+            chart_side = gr.Plot(elem_id="train-chart-side", show_label=False)
+        with gr.Accordion("Settings of this run", open=False):
+            settings = gr.JSON(elem_id="train-settings")
         with gr.Accordion("Run card", open=False):
             card = gr.JSON(elem_id="train-card")
+        with gr.Accordion("Worker output", open=False):
+            worker_log = gr.Textbox(lines=12, max_lines=12, show_label=False, elem_id="train-worker-log")
         runs = gr.Dataframe(headers=HISTORY_HEADERS, value=history(), interactive=False, elem_id="train-history",
-                            label="Runs (click one to see its charts and card)")
+                            label="Runs from the app and the CLI (click one to see its charts and card)")
         timer = gr.Timer(1.0, active=False)
 
-        start_btn.click(start, [task, base, name, method, epochs, max_steps, lr, beta, batch, accum, max_length,
-                                sft_steps, max_per],
-                        [run_state, note, loss_plot, rewards_plot, progress, card, timer, runs])
-        timer.tick(tick, [run_state, seen], [loss_plot, rewards_plot, progress, card, timer, seen, runs, base, note],
-                   show_progress="hidden")
-        stop_btn.click(stop, run_state, note)
-        runs.select(open_run, None, [run_state, loss_plot, rewards_plot, progress, card, timer])
-        ctx.loaders.append((reattach, [], [run_state, note, loss_plot, rewards_plot, progress, card, timer, runs,
-                                            base]))
+    view_outputs = {chart_main, chart_side, progress, card, settings, worker_log, timer, start_btn}
+    adapter = components["adapter"]
+    method.change(on_method, [method, adapter], set(components.values()) | {pairs, sources, method_note})
+    adapter.change(lambda a, m: {components["learning_rate"]: TrainConfig(name="x", method=m, task="fol",
+                                                                           adapter=a).learning_rate},
+                   [adapter, method], {components["learning_rate"]})
+    start_btn.click(start, [method, task, base_model, name, pairs, sources, *components.values()],
+                    view_outputs | {run_state, status_note, runs})
+    timer.tick(tick, [run_state, seen_state], view_outputs | {seen_state, runs, base_model, status_note},
+               show_progress="hidden")
+    stop_btn.click(stop, run_state, status_note)
+    task.change(lambda t: gr.update(choices=pair_sets(t), value=FROM_CHAINS), task, pairs)
+    runs.select(open_run, None, view_outputs | {run_state})
+    ctx.loaders.append((reattach, [], view_outputs | {run_state, status_note, runs, base_model, pairs}))
