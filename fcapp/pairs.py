@@ -8,19 +8,16 @@ DPOTrainer takes unchanged. The shared prefix stays in `prompt` (DPO masks nothi
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
-import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fcapp.files import DataFileError, atomic_write, atomic_write_text, read_jsonl
 from fcapp.records import Chain
 from fcapp.store import Store
-from fcapp.tasks.base import ProblemFileError, read_jsonl
 
 ROW_KEYS = ("prompt", "chosen", "rejected", "tools", "task", "problem_id")
 
@@ -85,40 +82,6 @@ def build_pairs(store: Store, task: str, policy: PairPolicy | None = None) -> li
     return rows
 
 
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and rename: readers never see half a file.
-    The temporary file is named after its writer's PID, so one left by a killed writer is removed
-    by the next write to the same target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _remove_orphans(path: Path) -> None:
-    """Delete the temporary files of `path` whose writing process no longer exists."""
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = leftover.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            leftover.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def export_pairs(rows: list[dict[str, Any]], out: str | Path, card: dict[str, Any] | None = None) -> list[Path]:
     """Write rows as JSONL (and Parquet when `out` ends in .parquet, or both with `.jsonl`+parquet=True).
 
@@ -131,12 +94,11 @@ def export_pairs(rows: list[dict[str, Any]], out: str | Path, card: dict[str, An
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist([_for_parquet(r) for r in clean])
-        _atomic_write(out, lambda p: pq.write_table(table, p))
+        atomic_write(out, lambda p: pq.write_table(table, p))
     else:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in clean)
-        _atomic_write(out, lambda p: p.write_text(text, encoding="utf-8"))
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in clean))
     card_path = out.with_name(out.name + ".card.md")
-    _atomic_write(card_path, lambda p: p.write_text(render_card(card or {}, clean), encoding="utf-8"))
+    atomic_write_text(card_path, render_card(card or {}, clean))
     return [out, card_path]
 
 
@@ -154,13 +116,13 @@ def load_pair_file(path: str | Path) -> list[dict[str, Any]]:
         try:
             records = list(enumerate(pq.read_table(path).to_pylist(), start=1))
         except Exception as exc:  # pyarrow raises several types for a corrupt file
-            raise ProblemFileError(f"{path}: not a readable Parquet file ({exc})") from None
+            raise DataFileError(f"{path}: not a readable Parquet file ({exc})") from None
         for line, record in records:
             if isinstance(record.get("tools"), str):
                 try:
                     record["tools"] = json.loads(record["tools"])
                 except (ValueError, RecursionError):
-                    raise ProblemFileError(f"{path}:{line}: 'tools' is not valid JSON") from None
+                    raise DataFileError(f"{path}:{line}: 'tools' is not valid JSON") from None
     else:
         records = read_jsonl(path)
     rows = []
@@ -168,8 +130,10 @@ def load_pair_file(path: str | Path) -> list[dict[str, Any]]:
         for key in ("prompt", "chosen", "rejected"):
             value = record.get(key)
             if not isinstance(value, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
-                raise ProblemFileError(f"{path}:{line}: '{key}' must be a list of {{role, content}} messages")
+                raise DataFileError(f"{path}:{line}: '{key}' must be a list of {{role, content}} messages")
         rows.append({k: record.get(k) for k in ROW_KEYS})
+    if not rows:
+        raise DataFileError(f"{path}: no preference pairs in the file")
     return rows
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from fcapp.agent import Agent
+from fcapp.files import DataFileError
 from fcapp.paths import data_dir
-from fcapp.tasks.base import Problem, ProblemFileError, Task, split_of
+from fcapp.tasks.base import Problem, Task, split_of
 from fcapp.tasks.fol import FolGenTask, FolioTask, normalise_label
 from fcapp.tools.logic import decide
 
@@ -172,7 +173,7 @@ def test_load_file_names_the_bad_line(tmp_path: Path) -> None:
     bad = {**GOOD, "premises-FOL": ["Cat(tom) ∧"]}
     path = _write_jsonl(tmp_path / "bad.jsonl", [GOOD, bad])
     for task in (FolioTask(), FolGenTask(n=0)):
-        with pytest.raises(ProblemFileError, match=r"bad\.jsonl:2: premises-FOL\[0\]"):
+        with pytest.raises(DataFileError, match=r"bad\.jsonl:2: premises-FOL\[0\]"):
             task.load_file(path)
 
 
@@ -183,10 +184,10 @@ def test_generated_task_labels_user_files_with_the_solver(tmp_path: Path) -> Non
     path = _write_jsonl(tmp_path / "mine.jsonl", [unlabeled, negated])
     assert [p.answer for p in task.load_file(path)] == ["True", "False"]
     _write_jsonl(path, [GOOD, {**GOOD, "label": "Unknown"}])
-    with pytest.raises(ProblemFileError, match="mine.jsonl:2: label 'Unknown' disagrees with the solver, which finds Tr"):
+    with pytest.raises(DataFileError, match="mine.jsonl:2: label 'Unknown' disagrees with the solver, which finds Tr"):
         task.load_file(path)
     _write_jsonl(path, [{k: v for k, v in GOOD.items() if k != "conclusion-FOL"}])
-    with pytest.raises(ProblemFileError, match="missing field 'conclusion-FOL'"):
+    with pytest.raises(DataFileError, match="missing field 'conclusion-FOL'"):
         task.load_file(path)
 
 

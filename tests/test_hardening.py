@@ -28,9 +28,9 @@ from typing import Any, Iterator
 
 import pytest
 
+from fcapp.files import DataFileError
 from fcapp.paths import data_dir, data_home, models_dir, safe_name
 from fcapp.store import Store
-from fcapp.tasks.base import ProblemFileError
 from fcapp.tools.base import SchemaError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -273,7 +273,7 @@ def test_a_malformed_problem_file_names_the_file_and_line(tmp_path: Path, task_n
 
     path = tmp_path / "problems.jsonl"
     path.write_text(f"{good}\n\n{good}\n{bad}\n{good}\n", encoding="utf-8")
-    with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:4: .*{message}"):
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:4: .*{message}"):
         get_task(task_name).load_file(path)
 
 
@@ -282,7 +282,7 @@ def test_a_problem_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
 
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(GSM8K_OK.encode() + b"\n" + '{"question": "café", "answer": "#### 1"}'.encode("latin-1") + b"\n")
-    with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}: cannot read"):
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}: cannot read"):
         get_task("gsm8k").load_file(path)
 
 
@@ -310,7 +310,7 @@ def test_a_broken_preference_file_names_the_line_and_leaves_the_store_unchanged(
     with Store(tmp_path / "fcapp.db") as store:
         store.save_pairs("gsm8k", "imported", [_pair_row(0)])  # an earlier import of the same policy
         before = store.list_pairs()
-        with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:3: .*{message}"):
+        with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:3: .*{message}"):
             import_pairs(path, store)
         assert store.list_pairs() == before
         assert store.check() == "ok"
@@ -326,7 +326,7 @@ def test_a_parquet_preference_file_with_broken_tools_names_the_row(tmp_path: Pat
     path = tmp_path / "prefs.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     with Store(tmp_path / "fcapp.db") as store:
-        with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:2: 'tools' is not valid JSON"):
+        with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:2: 'tools' is not valid JSON"):
             import_pairs(path, store)
         assert store.list_pairs() == []
 

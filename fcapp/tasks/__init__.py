@@ -48,5 +48,5 @@ def get_task(name: str) -> Task:
 
 
 def load_problems(task_name: str, path: str | Path) -> list[Problem]:
-    """Problems from a user JSONL file in `task_name`'s format (ProblemFileError names file and line)."""
+    """Problems from a user JSONL file in `task_name`'s format (DataFileError names file and line)."""
     return get_task(task_name).load_file(path)

@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fcapp.files import DataFileError, read_jsonl
 from fcapp.records import Call
 from fcapp.tools.base import Registry
 
 HELDOUT_FRACTION = 0.2
-
-
-class ProblemFileError(ValueError):
-    """A problem file is malformed; the message names the file and the line."""
 
 
 @dataclass
@@ -82,48 +78,13 @@ class Task(ABC):
         raise KeyError(f"task {self.name} has no problem {problem_id!r}")
 
     def load_file(self, path: str | Path) -> list[Problem]:
-        """Problems from a user JSONL file in this task's format; errors name the file and line."""
+        """Problems from a user JSONL file in this task's format; a DataFileError names the file and line."""
         problems = []
         for line, record in read_jsonl(path):
             try:
                 problems.append(self.parse_record(record, line))
             except (ValueError, KeyError, TypeError) as exc:
-                raise ProblemFileError(f"{path}:{line}: {exc}") from None
+                raise DataFileError(f"{path}:{line}: {exc}") from None
+        if not problems:
+            raise DataFileError(f"{path}: no problems in the file")
         return problems
-
-
-def _encodable(record: Any) -> bool:
-    """Whether every string in a parsed JSON value can be written as UTF-8 (no lone surrogates)."""
-    try:
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def read_jsonl(path: str | Path) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each non-blank line; a clear ProblemFileError on the first bad one."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON keeps U+2028, U+0085 raw
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProblemFileError(f"{path}: cannot read: {exc}") from None
-    rows = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ProblemFileError(f"{path}:{number}: not valid JSON ({exc.msg})") from None
-        except (ValueError, RecursionError) as exc:  # nested too deeply, or an integer over 4300 digits
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-            raise ProblemFileError(f"{path}:{number}: not valid JSON ({reason})") from None
-        if not isinstance(record, dict):
-            raise ProblemFileError(f"{path}:{number}: expected a JSON object, got {type(record).__name__}")
-        if "\\u" in line and not _encodable(record):  # refused here, not by SQLite when it is stored
-            raise ProblemFileError(f"{path}:{number}: invalid text: a lone UTF-16 surrogate escape such as \\ud800")
-        rows.append((number, record))
-    if not rows:
-        raise ProblemFileError(f"{path}: no problems in the file")
-    return rows
