@@ -8,6 +8,7 @@ import os
 import sys
 from typing import Callable
 
+from fcapp.models.registry import EMBEDDED
 from fcapp.records import Event
 
 
@@ -17,8 +18,8 @@ def _print(text: str = "", end: str = "\n") -> None:
 
 
 def _model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
-    parser.add_argument(flag, default="smollm2",
-                        help="'smollm2' (embedded), a tuned model name, a local folder, or http://HOST:PORT/v1#MODEL")
+    parser.add_argument(flag, default=EMBEDDED,
+                        help=f"'{EMBEDDED}' (embedded), a tuned model name, a local folder, or http://HOST:PORT/v1#MODEL")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key of an HTTP model")
 
@@ -220,7 +221,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from fcapp.train import list_models
+    from fcapp.models.registry import list_models
 
     models = list_models()
     if args.json:
@@ -292,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenAI-compatible endpoint for a local model")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8,
@@ -304,7 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="DPO on a preference file, in a worker process")
     p.add_argument("--pairs", required=True, help="preference file from `fcapp pairs` (JSONL or Parquet)")
     p.add_argument("--name", help="registered model name (default: the --out folder's name or dpo-DATE)")
-    p.add_argument("--base", default="smollm2", help="model to tune")
+    p.add_argument("--base", default=EMBEDDED, help="model to tune")
     p.add_argument("--method", choices=["lora", "full"], default="lora")
     p.add_argument("--epochs", type=float, default=3.0)
     p.add_argument("--max-steps", type=int, default=-1, help="> 0 overrides --epochs")

@@ -14,12 +14,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from fcapp.models import get_model
 from fcapp.models.base import ChatModel
+from fcapp.models.registry import is_embedded
 from fcapp.solve import SolveConfig, solve
 from fcapp.tasks import get_task
 from fcapp.tasks.base import Problem
-
-BASE = "base"
 
 
 @dataclass
@@ -61,12 +61,6 @@ def load_problems(config: EvalConfig) -> list[Problem]:
     return problems[: config.limit] if config.limit else problems
 
 
-def resolve_model(name: str) -> ChatModel:
-    from fcapp.models import get_model
-
-    return get_model("smollm2" if name == BASE else name)
-
-
 def summarize(outcomes: list[dict[str, Any]]) -> dict[str, Any]:
     n = len(outcomes)
     correct = sum(o["correct"] for o in outcomes)
@@ -100,7 +94,7 @@ def evaluate(
     per_problem: dict[str, list[dict[str, Any]]] = {}
     total, done = len(problems) * len(config.models), 0
     for name in config.models:
-        model = (models or {}).get(name) or resolve_model(name)
+        model = (models or {}).get(name) or get_model(name)
         outcomes = per_problem[name] = []
         for problem in problems:
             if stop is not None and stop.is_set():
@@ -117,7 +111,7 @@ def evaluate(
             if on_progress:
                 on_progress(done, total, name)
     results: dict[str, Any] = {"task": task.name, "n": len(problems), "models": {}}
-    reference = BASE if BASE in config.models else config.models[0]
+    reference = next((name for name in config.models if is_embedded(name)), config.models[0])
     base_outcomes = per_problem[reference]
     for name in config.models:
         summary = summarize(per_problem[name])

