@@ -1,4 +1,5 @@
-"""`python -m fcapp COMMAND`: a thin front over the library (the app calls the same functions)."""
+"""`fcapp COMMAND` (or `python -m fcapp COMMAND`): a thin front over the library (the app calls the
+same functions)."""
 
 from __future__ import annotations
 
@@ -206,7 +207,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if info["status"] == "failed":
         sys.stderr.write(f"training failed: {info.get('error')}\n{info.get('log_tail', '')}\n")
         return 1
-    _print(f"{info['status']}: model {name} in {config.out / 'model'} (python -m fcapp models)")
+    _print(f"{info['status']}: model {name} in {config.out / 'model'} (fcapp models)")
     return 0
 
 
@@ -227,7 +228,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         _print(json.dumps(models, indent=2))
     elif not models:
-        _print("no tuned models yet (python -m fcapp train ...)")
+        _print("no tuned models yet (fcapp train ...)")
     else:
         for m in models:
             _print(f"{m['name']:<24} {m['created']:<20} base={m['base']}  {m['path']}")
@@ -242,7 +243,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fcapp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fcapp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("solve", help="solve one problem, streaming the chain step by step")
