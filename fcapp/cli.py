@@ -9,6 +9,7 @@ import os
 import sys
 from typing import Callable
 
+from fcapp.export import GGUF_TYPES
 from fcapp.models.registry import EMBEDDED
 from fcapp.records import Event
 
@@ -235,6 +236,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fcapp.export import export_gguf
+
+    path = export_gguf(args.name, args.gguf, args.type, overwrite=args.force)
+    _print(f"{args.name} -> {path} ({args.type}, {path.stat().st_size / 1e6:.0f} MB); "
+           f"e.g. llama-cli -m {path} or an Ollama Modelfile `FROM {path}`")
+    return 0
+
+
 def cmd_app(args: argparse.Namespace) -> int:
     from fcapp.ui.app import launch
 
@@ -323,6 +333,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list tuned models, newest first")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("export", help="write a model as a GGUF file for llama.cpp and Ollama")
+    p.add_argument("name", help=f"a tuned model's name (fcapp models), '{EMBEDDED}' or a model folder")
+    p.add_argument("--gguf", required=True, metavar="OUT", help="the GGUF file to write")
+    p.add_argument("--type", choices=GGUF_TYPES, default=GGUF_TYPES[0],
+                   help="weight type of the matrices: q8_0 (8-bit, half of f16's size) or f16")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("app", help="start the Gradio app")
     p.add_argument("--host", default="127.0.0.1")

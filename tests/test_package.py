@@ -63,7 +63,7 @@ def _run(installed: dict[str, Path], *command: str, timeout: float = 600) -> sub
 def test_the_fcapp_command_starts_and_lists_its_commands(installed: dict[str, Path]) -> None:
     usage = _run(installed, "fcapp", "--help").stdout
     assert usage.startswith("usage: fcapp")
-    for command in ("solve", "generate", "pairs", "train", "eval", "serve", "models", "app"):
+    for command in ("solve", "generate", "pairs", "train", "eval", "serve", "models", "export", "app"):
         assert command in usage
     assert "usage:" in _run(installed, "python", "-m", "fcapp", "--help").stdout
 
