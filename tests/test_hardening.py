@@ -32,6 +32,7 @@ from fcapp.files import DataFileError
 from fcapp.paths import data_dir, data_home, models_dir, safe_name
 from fcapp.store import Store
 from fcapp.tools.base import SchemaError
+from helpers import label_history, stored_pairs
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_ENV = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
@@ -309,10 +310,10 @@ def test_a_broken_preference_file_names_the_line_and_leaves_the_store_unchanged(
                     + "\n", encoding="utf-8")
     with Store(tmp_path / "fcapp.db") as store:
         store.save_pairs("gsm8k", "imported", [_pair_row(0)])  # an earlier import of the same policy
-        before = store.list_pairs()
+        before = stored_pairs(store)
         with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:3: .*{message}"):
             import_pairs(path, store)
-        assert store.list_pairs() == before
+        assert stored_pairs(store) == before
         assert store.check() == "ok"
 
 
@@ -328,7 +329,7 @@ def test_a_parquet_preference_file_with_broken_tools_names_the_row(tmp_path: Pat
     with Store(tmp_path / "fcapp.db") as store:
         with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:2: 'tools' is not valid JSON"):
             import_pairs(path, store)
-        assert store.list_pairs() == []
+        assert stored_pairs(store) == []
 
 
 def test_a_tool_definition_with_a_syntax_error_names_the_line() -> None:
@@ -451,7 +452,7 @@ def test_a_labeller_killed_mid_loop_loses_no_committed_label(tmp_path: Path, att
     with Store(path) as store:
         assert store.check() == "ok"
         stored = {row["id"]: (chain_id, row["label"], row["who"], row["edited_record"])
-                  for chain_id in ids for row in store.label_history(chain_id)}
+                  for chain_id in ids for row in label_history(store, chain_id)}
         for label_id, i in reported:  # every reported label is there, exactly as written
             chain_id, label, who = _expected_label(i, ids)
             assert stored[label_id][:3] == (chain_id, label, who)
@@ -464,7 +465,7 @@ def test_a_labeller_killed_mid_loop_loses_no_committed_label(tmp_path: Path, att
             assert i <= last_i + 1 and _expected_label(i, ids) == (chain_id, label, who)
         # the current label of each chain is its latest one
         for chain_id in ids:
-            history = store.label_history(chain_id)
+            history = label_history(store, chain_id)
             if history:
                 assert store.get_chain(chain_id)["label"] == history[-1]["label"]
 

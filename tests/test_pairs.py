@@ -10,7 +10,7 @@ import pytest
 from fcapp.files import DataFileError
 from fcapp.pairs import PairPolicy, build_pairs, export_pairs, import_pairs, load_pair_file, make_pairs
 from fcapp.store import Store
-from helpers import correct_chain, wrong_chain
+from helpers import correct_chain, stored_pairs, wrong_chain
 
 PROBLEMS = ["gsm8k-1", "gsm8k-2", "gsm8k-3"]
 
@@ -74,7 +74,7 @@ def test_export_loads_with_datasets_and_round_trips_through_the_store(store, tmp
 
     other = Store(tmp_path / "other.db")
     assert import_pairs(jsonl, other) == 6
-    stored = other.list_pairs(task="gsm8k", policy="imported")
+    stored = stored_pairs(other, task="gsm8k", policy="imported")
     export_pairs([dict(r) for r in stored], tmp_path / "again.jsonl")
     assert (tmp_path / "again.jsonl").read_text() == jsonl.read_text()
 
@@ -94,7 +94,7 @@ def test_a_broken_pair_file_names_the_line_and_changes_nothing(store, tmp_path, 
     path.write_text(good + "\n" + line + "\n")
     with pytest.raises(DataFileError, match=rf"broken.jsonl:2: .*{message}"):
         import_pairs(path, store)
-    assert store.list_pairs(policy="imported") == []
+    assert stored_pairs(store, policy="imported") == []
 
 
 def test_an_export_trains_one_real_dpo_step_unchanged(store, tmp_path, monkeypatch):
