@@ -5,6 +5,7 @@ the model it was exported from. q8_0 is tested because it is the lossy type: f16
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import gguf
@@ -23,14 +24,16 @@ TUNED = "export-me"
 
 
 @pytest.fixture(scope="module")
-def tuned() -> str:
-    """A registered tuned model (a run folder as training leaves it) holding the embedded weights."""
-    run = models_dir() / TUNED
-    run.mkdir(parents=True, exist_ok=True)
-    if not (run / "model").exists():
+def tuned(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A registered tuned model (a run folder as training leaves it) holding the embedded weights,
+    in a data folder of its own (other tests count the tuned models of theirs)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FCAPP_HOME", str(tmp_path_factory.mktemp("export-home")))
+        run = models_dir() / TUNED
+        run.mkdir(parents=True)
         (run / "model").symlink_to(embedded_model_dir(), target_is_directory=True)
-    (run / "card.json").write_text(json.dumps({"base": "smollm2", "method": "lora", "status": "finished"}))
-    return TUNED
+        (run / "card.json").write_text(json.dumps({"base": "smollm2", "method": "lora", "status": "finished"}))
+        yield TUNED
 
 
 def _chain(model: LocalModel, task_name: str, problem_id: str) -> list[str]:

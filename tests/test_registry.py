@@ -81,3 +81,11 @@ def test_list_models_reads_the_run_folders_newest_first(monkeypatch: pytest.Monk
 @pytest.mark.parametrize("spec", ["..", ".", "../x", "a/b", "x\x00y", "", "-rf"])
 def test_a_name_that_is_not_one_folder_name_is_never_a_tuned_model(spec: str) -> None:
     assert tuned_model_dir(spec) is None
+
+
+def test_the_app_loads_the_embedded_model_once_whatever_it_is_called() -> None:
+    from fcapp.ui.common import get_model, model_choices
+
+    first = get_model("base")
+    assert all(get_model(name) is first for name in ALL_NAMES) and first.model_id == EMBEDDED
+    assert model_choices()[0] == EMBEDDED
