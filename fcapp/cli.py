@@ -1,4 +1,5 @@
-"""`python -m fcapp COMMAND`: a thin front over the library (the app calls the same functions)."""
+"""`fcapp COMMAND` (or `python -m fcapp COMMAND`): a thin front over the library (the app calls the
+same functions)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import sys
 from typing import Callable
 
+from fcapp.export import GGUF_TYPES
+from fcapp.models.registry import EMBEDDED
 from fcapp.records import Event
 
 
@@ -17,8 +20,8 @@ def _print(text: str = "", end: str = "\n") -> None:
 
 
 def _model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
-    parser.add_argument(flag, default="smollm2",
-                        help="'smollm2' (embedded), a tuned model name, a local folder, or http://HOST:PORT/v1#MODEL")
+    parser.add_argument(flag, default=EMBEDDED,
+                        help=f"'{EMBEDDED}' (embedded), a tuned model name, a local folder, or http://HOST:PORT/v1#MODEL")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key of an HTTP model")
 
@@ -292,16 +295,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from fcapp.training import list_models
+    from fcapp.models.registry import list_models
 
     models = list_models()
     if args.json:
         _print(json.dumps(models, indent=2))
     elif not models:
-        _print("no tuned models yet (python -m fcapp train ...)")
+        _print("no tuned models yet (fcapp train ...)")
     else:
         for m in models:
             _print(f"{m['name']:<24} {m['created']:<20} base={m['base']}  {m['path']}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from fcapp.export import export_gguf
+
+    path = export_gguf(args.name, args.gguf, args.type, overwrite=args.force)
+    _print(f"{args.name} -> {path} ({args.type}, {path.stat().st_size / 1e6:.0f} MB); "
+           f"e.g. llama-cli -m {path} or an Ollama Modelfile `FROM {path}`")
     return 0
 
 
@@ -313,7 +325,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m fcapp", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fcapp", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("solve", help="solve one problem, streaming the chain step by step")
@@ -368,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenAI-compatible endpoint for a local model")
-    p.add_argument("--model", default="smollm2")
+    p.add_argument("--model", default=EMBEDDED)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8,
@@ -404,6 +416,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list tuned models, newest first")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("export", help="write a model as a GGUF file for llama.cpp and Ollama")
+    p.add_argument("name", help=f"a tuned model's name (fcapp models), '{EMBEDDED}' or a model folder")
+    p.add_argument("--gguf", required=True, metavar="OUT", help="the GGUF file to write")
+    p.add_argument("--type", choices=GGUF_TYPES, default=GGUF_TYPES[0],
+                   help="weight type of the matrices: q8_0 (8-bit, half of f16's size) or f16")
+    p.add_argument("--force", action="store_true", help="overwrite OUT if it exists")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("app", help="start the Gradio app")
     p.add_argument("--host", default="127.0.0.1")

@@ -18,12 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from fcapp.models import get_model
 from fcapp.models.base import ChatModel
+from fcapp.models.registry import is_embedded
 from fcapp.solve import SolveConfig, solve
 from fcapp.tasks import get_task
 from fcapp.tasks.base import Problem
 
-BASE = "base"
 BATCH = 8  # chains decoded together on a local model
 
 
@@ -71,12 +72,6 @@ def load_problems(config: EvalConfig) -> tuple[list[Problem], list[str]]:
     else:
         problems, skipped = task.split(config.split), []
     return (problems[: config.limit] if config.limit else problems), skipped
-
-
-def resolve_model(name: str) -> ChatModel:
-    from fcapp.models import get_model
-
-    return get_model("smollm2" if name == BASE else name)
 
 
 def outcome(problem: Problem, chain: Any) -> dict[str, Any]:
@@ -134,7 +129,7 @@ def evaluate(
     per_problem: dict[str, list[dict[str, Any]]] = {}
     total, done = len(problems) * len(config.models), 0
     for name in config.models:
-        model = (models or {}).get(name) or resolve_model(name)
+        model = (models or {}).get(name) or get_model(name)
         chains: dict[int, Any] = {}
         for index, chain in _solve_all(task, problems, model, solve_config, stop):
             chains[index] = chain
@@ -160,7 +155,7 @@ def evaluate(
 
 def _compare(names: list[str], per_problem: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
     """Each model's summary, with its exact McNemar p-value against base (or the first model)."""
-    reference = BASE if BASE in names else names[0]
+    reference = next((name for name in names if is_embedded(name)), names[0])
     compared = {}
     for name in names:
         summary = summarize(per_problem[name])

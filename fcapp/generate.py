@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 
 from fcapp.batching import iter_solve_batch
 from fcapp.models.base import ChatModel
+from fcapp.models.registry import EMBEDDED
 from fcapp.records import Chain
 from fcapp.solve import SolveConfig, reference_chain, solve
 from fcapp.store import Store, chain_key
@@ -26,7 +27,7 @@ from fcapp.tasks.base import Problem, Task
 @dataclass
 class GenerateConfig:
     task: str
-    teacher: str = "smollm2"
+    teacher: str = EMBEDDED
     samples: int = 4
     limit: int | None = None
     split: str = "train"

@@ -1,4 +1,4 @@
-"""Where fcapp keeps its files: one user data folder, overridable with $FCAPP_HOME."""
+"""Where fcapp finds its files: the data it ships, and one user data folder (overridable with $FCAPP_HOME)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,19 @@ import os
 import re
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+_PACKAGE = Path(__file__).resolve().parent
+
+
+def shipped(relative: str) -> Path:
+    """A data file that comes with fcapp, e.g. shipped("gsm8k/train.jsonl"). An installed wheel
+    carries the checkout's assets/ inside the package as fcapp/assets (pyproject.toml maps it
+    there); a checkout, run as it is or installed editable, has it beside the package."""
+    roots = (_PACKAGE / "assets", _PACKAGE.parent / "assets")
+    for root in roots:
+        if (root / relative).is_file():
+            return root / relative
+    raise FileNotFoundError(f"{relative} is missing from this fcapp installation (looked in "
+                            f"{' and '.join(str(root) for root in roots)}): reinstall fcapp")
 
 
 def data_home() -> Path:

@@ -257,9 +257,6 @@ class Store:
         rows = self._conn().execute("PRAGMA integrity_check").fetchall()
         return "\n".join(row[0] for row in rows)
 
-    def schema_version(self) -> int:
-        return self._conn().execute("PRAGMA user_version").fetchone()[0]
-
     # ---- problems --------------------------------------------------------------------------------
     def add_problems(self, problems: Iterable[Problem]) -> int:
         """Insert or update problems (keyed by task and id); returns how many were written."""
@@ -283,15 +280,6 @@ class Store:
         if len(rows) > 1:
             raise ValueError(f"problem id {problem_id!r} exists in several tasks; pass task=")
         return _problem(rows[0]) if rows else None
-
-    def list_problems(self, task: str | None = None, split: str | None = None) -> list[Problem]:
-        rows = self._conn().execute(
-            """SELECT * FROM problems
-               WHERE (:task IS NULL OR task = :task) AND (:split IS NULL OR split = :split)
-               ORDER BY task, rowid""",
-            {"task": task, "split": split},
-        ).fetchall()
-        return [_problem(row) for row in rows]
 
     # ---- chains ----------------------------------------------------------------------------------
     def add_chain(self, chain: Chain, verdict: bool | None, key: str | None = None, sample: int = 0,
@@ -322,9 +310,6 @@ class Store:
             if inserted:
                 return inserted[0][0]
             return conn.execute("SELECT id FROM chains WHERE key = ?", (key,)).fetchone()[0]
-
-    def has_chain(self, key: str) -> bool:
-        return self._conn().execute("SELECT 1 FROM chains WHERE key = ?", (key,)).fetchone() is not None
 
     def existing_keys(self, task: str | None = None, model_id: str | None = None) -> set[str]:
         """Generation keys already stored: a resumed job loads them once and skips those chains."""
@@ -399,15 +384,6 @@ class Store:
                 raise KeyError(f"no chain {chain_id}") from None
             return cursor.lastrowid  # type: ignore[return-value]
 
-    def label_history(self, chain_id: int) -> list[dict[str, Any]]:
-        """Every label given to the chain, oldest first (the last one is current)."""
-        rows = self._conn().execute(
-            "SELECT id, label, who, at, edited_record, edited_verdict FROM labels WHERE chain_id = ? ORDER BY id",
-            (chain_id,),
-        ).fetchall()
-        return [dict(row) | {"edited_record": _loads(row["edited_record"]),
-                             "edited_verdict": _bool(row["edited_verdict"])} for row in rows]
-
     def counts(self, task: str | None = None) -> dict[str, Any]:
         """Totals and a per-task breakdown: chains, correct / incorrect / unverified (effective
         verdicts), labelled, problems, and pair_problems (problems with at least one correct and
@@ -467,45 +443,13 @@ class Store:
             ]
 
     def list_pairs(self, task: str | None = None, policy: str | None = None) -> list[dict[str, Any]]:
+        """Stored pairs (all, or of one task and / or pair set), in the order they were saved."""
         rows = self._conn().execute(
             """SELECT * FROM pairs WHERE (:task IS NULL OR task = :task) AND (:policy IS NULL OR policy = :policy)
                ORDER BY id""",
             {"task": task, "policy": policy},
         ).fetchall()
         return [_decoded(row, "prompt", "chosen", "rejected", "tools") for row in rows]
-
-    # ---- training runs ---------------------------------------------------------------------------
-    def add_run(self, name: str, kind: str, config: dict[str, Any], out_dir: str | None = None,
-                status: str = "created") -> int:
-        with self._write() as conn:
-            return conn.execute(
-                "INSERT INTO runs (name, kind, config, status, out_dir, created_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (name, kind, _dumps(config), status, out_dir, time.time()),
-            ).lastrowid  # type: ignore[return-value]
-
-    def update_run(self, run_id: int, *, status: str | None = None, metrics: dict[str, Any] | None = None,
-                   out_dir: str | None = None, finished_at: float | None = None) -> None:
-        """Change the given fields (None leaves a field as it is); metrics replace the stored ones."""
-        with self._write() as conn:
-            cursor = conn.execute(
-                """UPDATE runs SET status = COALESCE(?, status), metrics = COALESCE(?, metrics),
-                                   out_dir = COALESCE(?, out_dir), finished_at = COALESCE(?, finished_at)
-                   WHERE id = ?""",
-                (status, None if metrics is None else _dumps(metrics), out_dir, finished_at, run_id),
-            )
-            if cursor.rowcount == 0:
-                raise KeyError(f"no run {run_id}")
-
-    def get_run(self, run_id: int) -> dict[str, Any] | None:
-        row = self._conn().execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
-        return _decoded(row, "config", "metrics") if row else None
-
-    def list_runs(self, status: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
-        """Runs, newest first."""
-        rows = self._conn().execute(
-            "SELECT * FROM runs WHERE ? IS NULL OR status = ? ORDER BY id DESC LIMIT ?", (status, status, limit)
-        ).fetchall()
-        return [_decoded(row, "config", "metrics") for row in rows]
 
     # ---- evaluations -----------------------------------------------------------------------------
     def add_eval(self, task: str, models: list[Any], config: dict[str, Any], results: dict[str, Any]) -> int:

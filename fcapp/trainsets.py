@@ -15,20 +15,17 @@ left out when sets are built from the store, and a file holding one is refused, 
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import json
-import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fcapp.files import DataFileError, atomic_write, atomic_write_text, read_jsonl
 from fcapp.records import Chain, Message
 from fcapp.store import Store
-from fcapp.tasks.base import ProblemFileError, read_jsonl
 
 Kind = Literal["pairs", "sft"]
 COLUMNS: dict[str, tuple[str, ...]] = {"pairs": ("prompt", "chosen", "rejected"), "sft": ("prompt", "completion")}
@@ -36,7 +33,7 @@ EXTRA_KEYS = ("tools", "task", "problem_id")
 SFT_SOURCES = ("reference", "teacher", "human")
 
 
-class TrainingDataError(ProblemFileError):
+class TrainingDataError(DataFileError):
     """A training file (or set) cannot be used; the message names the file and line, and how to fix it."""
 
 
@@ -115,8 +112,8 @@ def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
     if not path.is_file():
         raise TrainingDataError(f"{path}: file not found")
     try:
-        return [(f"{path}:{line}", record) for line, record in read_jsonl(path)[0]]
-    except ProblemFileError as exc:  # the same message, as the error of a training file
+        return [(f"{path}:{line}", record) for line, record in read_jsonl(path)]
+    except DataFileError as exc:  # the same message, as the error of a training file
         raise TrainingDataError(str(exc)) from None
 
 
@@ -258,40 +255,6 @@ def build_examples(store: Store, task: str, sources: tuple[str, ...] = SFT_SOURC
 
 
 # ---- files ---------------------------------------------------------------------------------------------
-def _atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder and rename: readers never see half a file.
-    The temporary file is named after its writer's PID, so one left by a killed writer is removed
-    by the next write to the same target."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _remove_orphans(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _remove_orphans(path: Path) -> None:
-    """Delete the temporary files of `path` whose writing process no longer exists."""
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = leftover.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            leftover.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def export_rows(rows: list[dict[str, Any]], out: str | Path, kind: Kind = "pairs",
                 card: dict[str, Any] | None = None) -> list[Path]:
     """Write pairs or SFT examples as JSONL (or Parquet when `out` ends in .parquet), with a dataset
@@ -304,12 +267,11 @@ def export_rows(rows: list[dict[str, Any]], out: str | Path, kind: Kind = "pairs
         import pyarrow.parquet as pq
 
         table = pa.Table.from_pylist([_for_parquet(r) for r in clean])
-        _atomic_write(out, lambda p: pq.write_table(table, p))
+        atomic_write(out, lambda p: pq.write_table(table, p))
     else:
-        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in clean)
-        _atomic_write(out, lambda p: p.write_text(text, encoding="utf-8"))
+        atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in clean))
     card_path = out.with_name(out.name + ".card.md")
-    _atomic_write(card_path, lambda p: p.write_text(render_card(card or {}, clean, kind), encoding="utf-8"))
+    atomic_write_text(card_path, render_card(card or {}, clean, kind))
     return [out, card_path]
 
 

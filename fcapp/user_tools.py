@@ -14,9 +14,7 @@ the task's built-in tools plus its enabled user functions, each running in the s
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from fcapp.files import atomic_write_json
 from fcapp.paths import data_home
 from fcapp.records import FINAL_ANSWER
 from fcapp.tasks.base import Problem, Task
@@ -61,17 +60,6 @@ def folder() -> Path:
 
 def _task_name(task: Task | str) -> str:
     return task if isinstance(task, str) else task.name
-
-
-def _write_json(path: Path, record: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=1, ensure_ascii=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _read_json(path: Path, default: Any) -> Any:
@@ -135,7 +123,7 @@ def save_function(source: str, examples: list[dict[str, Any]] | str | None = Non
     now = time.time()
     previous = _read_json(path, None)
     function = UserFunction(tool.name, source, tool.examples, (previous or {}).get("created", now), now)
-    _write_json(path, asdict(function))
+    atomic_write_json(path, asdict(function))
     for task in enable_for or []:
         set_enabled(task, tool.name, True)
     return function
@@ -168,7 +156,7 @@ def delete_function(name: str) -> bool:
         flags = _read_json(folder() / ENABLED_FILE, {})
         for task_flags in flags.values():
             task_flags.pop(name, None)
-        _write_json(folder() / ENABLED_FILE, flags)
+        atomic_write_json(folder() / ENABLED_FILE, flags)
     return True
 
 
@@ -184,7 +172,7 @@ def set_enabled(task: Task | str, name: str, enabled: bool) -> None:
         path = folder() / ENABLED_FILE
         flags = _read_json(path, {})
         flags.setdefault(_task_name(task), {})[name] = bool(enabled)
-        _write_json(path, flags)
+        atomic_write_json(path, flags)
 
 
 def function_rows(task: Task | str, problem: Problem | None = None) -> list[dict[str, Any]]:

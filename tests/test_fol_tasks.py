@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from fcapp.agent import Agent
+from fcapp.files import DataFileError
 from fcapp.paths import data_dir
-from fcapp.tasks.base import Problem, ProblemFileError, Task, split_of
+from fcapp.tasks.base import Problem, Task, split_of
 from fcapp.tasks.fol import FolGenTask, FolioTask, normalise_label
 from fcapp.tools.logic import decide
 
@@ -204,7 +205,7 @@ def test_a_file_with_malformed_rows_loads_the_good_ones_and_names_the_bad(tmp_pa
         assert loaded.skipped[0].startswith(f"{path}:2: premises-FOL[0]: unexpected ')'")
         assert loaded.skipped[1].startswith(f"{path}:4: premises-FOL[0]")
         assert loaded.summary() == f"{path}: 2 problems used, 2 malformed rows skipped"
-        with pytest.raises(ProblemFileError, match=r"bad\.jsonl:2: premises-FOL\[0\]"):
+        with pytest.raises(DataFileError, match=r"bad\.jsonl:2: premises-FOL\[0\]"):
             task.load_file(path, strict=True)
 
 
@@ -215,10 +216,10 @@ def test_generated_task_labels_user_files_with_the_solver(tmp_path: Path) -> Non
     path = _write_jsonl(tmp_path / "mine.jsonl", [unlabeled, negated])
     assert [p.answer for p in task.load_file(path).problems] == ["True", "False"]
     _write_jsonl(path, [GOOD, {**GOOD, "label": "Unknown"}])
-    with pytest.raises(ProblemFileError, match="mine.jsonl:2: label 'Unknown' disagrees with the solver, which finds Tr"):
+    with pytest.raises(DataFileError, match="mine.jsonl:2: label 'Unknown' disagrees with the solver, which finds Tr"):
         task.load_file(path, strict=True)
     _write_jsonl(path, [{k: v for k, v in GOOD.items() if k != "conclusion-FOL"}])
-    with pytest.raises(ProblemFileError, match="missing field 'conclusion-FOL'"):
+    with pytest.raises(DataFileError, match="missing field 'conclusion-FOL'"):
         task.load_file(path)
 
 

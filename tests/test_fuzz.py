@@ -726,9 +726,9 @@ def test_lone_surrogates_in_a_reply_become_replacement_characters() -> None:
 
 
 def test_problem_files_load_or_fail_naming_file_and_line(fuzz, tmp_path: Path) -> None:
-    """Random JSONL records for each task: problems, or a ProblemFileError naming file:line."""
+    """Random JSONL records for each task: problems, or a DataFileError naming file:line."""
     from fcapp.tasks import get_task
-    from fcapp.tasks.base import ProblemFileError
+    from fcapp.files import DataFileError
 
     tasks = [get_task("gsm8k"), get_task("folio")]
     record_values = st.one_of(json_values, logic_text, st.sampled_from(["True", "False", "Unknown", "#### 12",
@@ -751,7 +751,7 @@ def test_problem_files_load_or_fail_naming_file_and_line(fuzz, tmp_path: Path) -
         with nothing_executes():
             try:
                 problems = tasks[index].load_file(path).problems
-            except ProblemFileError as exc:
+            except DataFileError as exc:
                 assert str(exc).startswith(f"{path}:"), str(exc)
             else:
                 assert problems and all(p.question and p.answer for p in problems)

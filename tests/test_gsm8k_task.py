@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from fcapp.agent import Agent, demonstration
+from fcapp.files import DataFileError
 from fcapp.records import FINAL_ANSWER, Call
-from fcapp.tasks.base import Problem, ProblemFileError, split_of
+from fcapp.tasks.base import Problem, split_of
 from fcapp.tasks.gsm8k import (
     DEMONSTRATION_ID,
     Gsm8kTask,
@@ -294,12 +295,12 @@ def test_unseen_user_file_loads_and_its_references_verify(task: Gsm8kTask, tmp_p
 def test_bad_line_names_file_and_line(task: Gsm8kTask, tmp_path: Path, bad: str, message: str) -> None:
     good = json.dumps({"question": "What is 1+1?", "answer": "<<1+1=2>>2\n#### 2"})
     path = write_jsonl(tmp_path / "bad.jsonl", [good, "", bad, good])
-    with pytest.raises(ProblemFileError) as info:
+    with pytest.raises(DataFileError) as info:
         task.load_file(path, strict=True)
     assert str(info.value).startswith(f"{path}:3:")
     assert message in str(info.value)
 
 
 def test_empty_file_is_an_error(task: Gsm8kTask, tmp_path: Path) -> None:
-    with pytest.raises(ProblemFileError, match="no rows in the file"):
+    with pytest.raises(DataFileError, match="no problems"):
         task.load_file(write_jsonl(tmp_path / "empty.jsonl", ["", " "]))

@@ -28,10 +28,11 @@ from typing import Any, Iterator
 
 import pytest
 
+from fcapp.files import DataFileError
 from fcapp.paths import data_dir, data_home, models_dir, safe_name
 from fcapp.store import Store
-from fcapp.tasks.base import ProblemFileError
 from fcapp.tools.base import SchemaError
+from helpers import label_history
 
 REPO = Path(__file__).resolve().parents[1]
 CHILD_ENV = os.environ | {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
@@ -99,7 +100,7 @@ def test_a_model_name_resolves_inside_the_models_folder_only(home: Path, monkeyp
                                                              tmp_path: Path) -> None:
     """A registered name maps to models/<name>/model; '..' or '.' never reach a model folder beside
     or above models/ (before the fix, '..' resolved to <data home>/model)."""
-    from fcapp.models.local import resolve_model_path
+    from fcapp.models.registry import resolve_model_path
 
     for folder in (models_dir() / "good" / "model", home / "model", models_dir() / "model"):
         folder.mkdir(parents=True, exist_ok=True)
@@ -273,7 +274,7 @@ def test_a_malformed_problem_file_names_the_file_and_line(tmp_path: Path, task_n
 
     path = tmp_path / "problems.jsonl"
     path.write_text(f"{good}\n\n{good}\n{bad}\n{good}\n", encoding="utf-8")
-    with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:4: .*{message}"):
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:4: .*{message}"):
         get_task(task_name).load_file(path, strict=True)
     loaded = get_task(task_name).load_file(path)  # by default the good rows load and the bad one is reported
     assert len(loaded.problems) == 3 and len(loaded.skipped) == 1
@@ -285,7 +286,7 @@ def test_a_problem_file_that_is_not_utf8_names_the_file(tmp_path: Path) -> None:
 
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(GSM8K_OK.encode() + b"\n" + '{"question": "café", "answer": "#### 1"}'.encode("latin-1") + b"\n")
-    with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}: cannot read"):
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}: cannot read"):
         get_task("gsm8k").load_file(path)
 
 
@@ -313,7 +314,7 @@ def test_a_broken_preference_file_names_the_line_and_leaves_the_store_unchanged(
     with Store(tmp_path / "fcapp.db") as store:
         store.save_pairs("gsm8k", "imported", [_pair_row(0)])  # an earlier import of the same policy
         before = store.list_pairs()
-        with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:3: .*{message}"):
+        with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:3: .*{message}"):
             import_pairs(path, store)
         assert store.list_pairs() == before
         assert store.check() == "ok"
@@ -329,7 +330,7 @@ def test_a_parquet_preference_file_with_broken_tools_names_the_row(tmp_path: Pat
     path = tmp_path / "prefs.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     with Store(tmp_path / "fcapp.db") as store:
-        with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:2: 'tools' is not valid JSON"):
+        with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:2: 'tools' is not valid JSON"):
             import_pairs(path, store)
         assert store.list_pairs() == []
 
@@ -454,7 +455,7 @@ def test_a_labeller_killed_mid_loop_loses_no_committed_label(tmp_path: Path, att
     with Store(path) as store:
         assert store.check() == "ok"
         stored = {row["id"]: (chain_id, row["label"], row["who"], row["edited_record"])
-                  for chain_id in ids for row in store.label_history(chain_id)}
+                  for chain_id in ids for row in label_history(store, chain_id)}
         for label_id, i in reported:  # every reported label is there, exactly as written
             chain_id, label, who = _expected_label(i, ids)
             assert stored[label_id][:3] == (chain_id, label, who)
@@ -467,7 +468,7 @@ def test_a_labeller_killed_mid_loop_loses_no_committed_label(tmp_path: Path, att
             assert i <= last_i + 1 and _expected_label(i, ids) == (chain_id, label, who)
         # the current label of each chain is its latest one
         for chain_id in ids:
-            history = store.label_history(chain_id)
+            history = label_history(store, chain_id)
             if history:
                 assert store.get_chain(chain_id)["label"] == history[-1]["label"]
 

@@ -27,6 +27,7 @@ from fcapp.store import (
     default_db_path,
 )
 from fcapp.tasks.base import Problem
+from helpers import has_chain, label_history, schema_version, stored_problems
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,7 +72,7 @@ def test_default_db_path_follows_env(monkeypatch: pytest.MonkeyPatch, tmp_path: 
 def test_opens_in_wal_with_current_schema(store: Store) -> None:
     conn = sqlite3.connect(store.path)
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert store.schema_version() == SCHEMA_VERSION
+    assert schema_version(store) == SCHEMA_VERSION
     assert store.check() == "ok"
 
 
@@ -98,7 +99,7 @@ def test_add_chain_is_idempotent_on_the_generation_key(store: Store) -> None:
     assert store.add_chain(chain, verdict=False) == first
     assert store.get_chain(first)["verdict"] is True  # the second add changed nothing
     key = chain_key("gsm8k", "p1", "teacher", 0, chain.sampling)
-    assert store.has_chain(key) and not store.has_chain(chain_key("gsm8k", "p1", "teacher", 1, chain.sampling))
+    assert has_chain(store, key) and not has_chain(store, chain_key("gsm8k", "p1", "teacher", 1, chain.sampling))
     other_sample = store.add_chain(chain, verdict=True, sample=1)
     other_seed = store.add_chain(make_chain(seed=1), verdict=True)
     assert len({first, other_sample, other_seed}) == 3
@@ -134,7 +135,7 @@ def test_label_history_keeps_every_label(store: Store) -> None:
     store.label_chain(chain_id, "reject", "ann")
     store.label_chain(chain_id, "edited", "bob", edited_record=make_chain().to_dict(), edited_verdict=False)
     store.label_chain(chain_id, "accept", "cy")
-    history = store.label_history(chain_id)
+    history = label_history(store, chain_id)
     assert [(h["label"], h["who"]) for h in history] == [("reject", "ann"), ("edited", "bob"), ("accept", "cy")]
     assert history[1]["edited_record"]["answer"] == "3" and history[1]["edited_verdict"] is False
     assert history[0]["edited_record"] is None
@@ -153,7 +154,7 @@ def test_label_rejects_bad_input(store: Store) -> None:
         store.label_chain(chain_id + 100, "accept", "ann")
     with pytest.raises(ValueError):
         store.list_chains(label="maybe")
-    assert store.label_history(chain_id) == []
+    assert label_history(store, chain_id) == []
 
 
 def test_counts_and_chains_for_pairs(store: Store) -> None:
@@ -191,8 +192,8 @@ def test_problems_upsert(store: Store) -> None:
     with pytest.raises(ValueError):
         store.get_problem("p1")
     assert store.get_problem("missing") is None
-    assert [p.task for p in store.list_problems()] == ["folio", "gsm8k"]
-    assert store.list_problems(task="gsm8k", split=Problem("p1", "gsm8k", "", "").split)[0].question == "new"
+    assert [p.task for p in stored_problems(store)] == ["folio", "gsm8k"]
+    assert stored_problems(store, task="gsm8k", split=Problem("p1", "gsm8k", "", "").split)[0].question == "new"
 
 
 def test_pairs_runs_and_evals(store: Store) -> None:
@@ -205,16 +206,6 @@ def test_pairs_runs_and_evals(store: Store) -> None:
     pairs = store.list_pairs(task="gsm8k")
     assert len(pairs) == 1 and pairs[0]["chosen"] == row["chosen"] and pairs[0]["tools"] == row["tools"]
     assert (pairs[0]["policy"], pairs[0]["chosen_chain_id"], pairs[0]["rejected_chain_id"]) == ("all", good, bad)
-
-    run_id = store.add_run("dpo-1", "lora", {"lr": 5e-6})
-    store.update_run(run_id, status="running", out_dir="/runs/dpo-1")
-    store.update_run(run_id, status="done", metrics={"loss": 0.05}, finished_at=123.0)
-    run = store.get_run(run_id)
-    assert (run["status"], run["out_dir"], run["metrics"], run["config"], run["finished_at"]) == (
-        "done", "/runs/dpo-1", {"loss": 0.05}, {"lr": 5e-6}, 123.0)
-    assert [r["id"] for r in store.list_runs(status="done")] == [run_id] and store.list_runs(status="failed") == []
-    with pytest.raises(KeyError):
-        store.update_run(run_id + 1, status="done")
 
     eval_id = store.add_eval("gsm8k", ["base", "tuned"], {"max_steps": 10}, {"accuracy": {"base": 0.1, "tuned": 0.3}})
     assert store.get_eval(eval_id)["results"]["accuracy"]["tuned"] == 0.3
@@ -239,10 +230,10 @@ def test_migrates_a_v1_database(tmp_path: Path) -> None:
     conn.close()
 
     with Store(path) as store:
-        assert store.schema_version() == SCHEMA_VERSION
+        assert schema_version(store) == SCHEMA_VERSION
         assert store.get_problem("p1").answer == "3"
         old = store.get_chain(1)
-        assert old["label"] == "reject" and old["effective_verdict"] is False and store.has_chain("k1")
+        assert old["label"] == "reject" and old["effective_verdict"] is False and has_chain(store, "k1")
         assert store.get_run(store.add_run("r", "full", {}))["status"] == "created"
         assert store.check() == "ok"
 
@@ -271,7 +262,7 @@ def test_threads_share_a_store(store: Store) -> None:
     for t in threads:
         t.join()
     assert store.counts()["chains"] == 101
-    assert len(store.label_history(chain_id)) == 100
+    assert len(label_history(store, chain_id)) == 100
 
 
 # ---- several processes ------------------------------------------------------------------------------
@@ -306,7 +297,7 @@ def test_processes_labelling_at_once_lose_nothing(tmp_path: Path) -> None:
     assert [w.exitcode for w in workers] == [0, 0, 0]  # a 'database is locked' error would exit 1
 
     with Store(path) as store:
-        histories = [store.label_history(c) for c in chain_ids]
+        histories = [label_history(store, c) for c in chain_ids]
         assert sum(map(len, histories)) == 3 * LABELS_PER_PROCESS
         for n in range(3):
             assert sum(1 for h in histories for row in h if row["who"] == f"w{n}") == LABELS_PER_PROCESS

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from fcapp.files import DataFileError
 from fcapp.tasks import TASKS, get_task, load_problems, task_names
-from fcapp.tasks.base import Problem, ProblemFileError, Task
+from fcapp.tasks.base import Problem, Task
 
 ROOT = Path(__file__).resolve().parent.parent
 HAS_FOL = importlib.util.find_spec("fcapp.tasks.fol") is not None
@@ -65,12 +66,12 @@ def test_load_problems_delegates_to_the_task(tmp_path: Path) -> None:
 def test_load_problems_errors(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q?", "answer": "#### 1"}\n{"question": "q?"}\n', encoding="utf-8")
-    with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}:2: missing field 'answer'"):
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}:2: missing field 'answer'"):
         load_problems("gsm8k", path, strict=True)
     path.write_text('{"question": "q?"}\n', encoding="utf-8")
-    with pytest.raises(ProblemFileError, match=rf"^{re.escape(str(path))}: no usable problems .*:1: missing field"):
+    with pytest.raises(DataFileError, match=rf"^{re.escape(str(path))}: no usable problems .*:1: missing field"):
         load_problems("gsm8k", path)  # nothing usable is an error even when malformed rows are skipped
-    with pytest.raises(ProblemFileError, match="cannot read"):
+    with pytest.raises(DataFileError, match="cannot read"):
         load_problems("gsm8k", tmp_path / "absent.jsonl")
     with pytest.raises(KeyError, match="valid tasks"):
         load_problems("nope", path)

@@ -10,7 +10,8 @@ import re
 import pytest
 
 from fcapp.store import Store
-from fcapp.tasks.base import ProblemFileError, split_of
+from fcapp.files import DataFileError
+from fcapp.tasks.base import split_of
 from fcapp.trainsets import PairPolicy, build_pairs, export_pairs, import_pairs, load_pair_file, make_pairs
 from helpers import correct_chain, wrong_chain
 
@@ -94,7 +95,7 @@ def test_a_broken_pair_file_names_the_line_and_changes_nothing(store, tmp_path, 
                        "rejected": [{"role": "assistant", "content": "b"}], "task": "gsm8k"})
     path = tmp_path / "broken.jsonl"
     path.write_text(good + "\n" + line + "\n")
-    with pytest.raises(ProblemFileError, match=rf"broken.jsonl:2: .*{message}"):
+    with pytest.raises(DataFileError, match=rf"broken.jsonl:2: .*{message}"):
         import_pairs(path, store)
     assert store.list_pairs() == []
 

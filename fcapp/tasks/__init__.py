@@ -55,5 +55,5 @@ def get_task(name: str) -> Task:
 
 def load_problems(task_name: str, path: str | Path, strict: bool = False) -> LoadedProblems:
     """Problems from a user JSONL file in `task_name`'s format: malformed rows are skipped and reported
-    (file:line: reason); `strict` makes the first one a ProblemFileError instead."""
+    (file:line: reason); `strict` makes the first one a DataFileError instead."""
     return get_task(task_name).load_file(path, strict)

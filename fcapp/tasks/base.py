@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fcapp.files import DataFileError, read_jsonl
 from fcapp.records import Call
 from fcapp.tools.base import Registry
 
 HELDOUT_FRACTION = 0.2
-
-
-class ProblemFileError(ValueError):
-    """A problem file is malformed; the message names the file and the line."""
 
 
 @dataclass
@@ -85,19 +81,21 @@ class Task(ABC):
     def load_file(self, path: str | Path, strict: bool = False) -> "LoadedProblems":
         """Problems from a JSONL file in this task's format. A malformed row (bad JSON, a missing field, FOL
         that does not parse) is skipped and reported as "file:line: reason"; with `strict` the first one
-        raises ProblemFileError instead. A file with no usable row is an error either way."""
+        raises DataFileError instead. A file with no usable row is an error either way."""
         loaded = LoadedProblems(str(path), [], [])
-        rows, loaded.skipped = read_jsonl(path, strict)
+        rows = read_jsonl(path, None if strict else loaded.skipped)
         for line, record in rows:
             try:
                 loaded.problems.append(self.parse_record(record, line))
             except (ValueError, KeyError, TypeError) as exc:
                 if strict:
-                    raise ProblemFileError(f"{path}:{line}: {exc}") from None
+                    raise DataFileError(f"{path}:{line}: {exc}") from None
                 loaded.skipped.append(f"{path}:{line}: {exc}")
+        if not loaded.problems and not loaded.skipped:
+            raise DataFileError(f"{path}: no problems in the file")
         if not loaded.problems:
-            shown = "; ".join(loaded.skipped[:3]) + (f" and {len(loaded.skipped) - 3} more" if len(loaded.skipped) > 3 else "")
-            raise ProblemFileError(f"{path}: no usable problems in the file ({shown})")
+            more = f" and {len(loaded.skipped) - 3} more" if len(loaded.skipped) > 3 else ""
+            raise DataFileError(f"{path}: no usable problems in the file ({'; '.join(loaded.skipped[:3])}{more})")
         return loaded
 
 
@@ -112,51 +110,3 @@ class LoadedProblems:
     def summary(self) -> str:
         used = f"{self.path}: {len(self.problems)} problems used"
         return used + (f", {len(self.skipped)} malformed rows skipped" if self.skipped else "")
-
-
-def _encodable(record: Any) -> bool:
-    """Whether every string in a parsed JSON value can be written as UTF-8 (no lone surrogates)."""
-    try:
-        json.dumps(record, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def _record(line: str) -> dict[str, Any]:
-    """One JSONL line as an object; ValueError says what is wrong with it."""
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"not valid JSON ({exc.msg})") from None
-    except (ValueError, RecursionError) as exc:  # nested too deeply, or an integer over 4300 digits
-        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc).split(";")[0]
-        raise ValueError(f"not valid JSON ({reason})") from None
-    if not isinstance(record, dict):
-        raise ValueError(f"expected a JSON object, got {type(record).__name__}")
-    if "\\u" in line and not _encodable(record):  # refused here, not by SQLite when it is stored
-        raise ValueError("invalid text: a lone UTF-16 surrogate escape such as \\ud800")
-    return record
-
-
-def read_jsonl(path: str | Path, strict: bool = True) -> tuple[list[tuple[int, dict[str, Any]]], list[str]]:
-    """((line number, object) for each good non-blank line, ["file:line: reason" for each bad one]). With
-    `strict` the first bad line raises ProblemFileError. An unreadable or empty file always raises."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")  # not splitlines(): JSON keeps U+2028, U+0085 raw
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProblemFileError(f"{path}: cannot read: {exc}") from None
-    rows, bad = [], []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append((number, _record(line)))
-        except ValueError as exc:
-            if strict:
-                raise ProblemFileError(f"{path}:{number}: {exc}") from None
-            bad.append(f"{path}:{number}: {exc}")
-    if not rows and not bad:
-        raise ProblemFileError(f"{path}: no rows in the file")
-    return rows, bad

@@ -9,20 +9,19 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import os
 import random
 import re
 from pathlib import Path
 from typing import Any, Callable
 
-from fcapp.paths import data_dir
+from fcapp.files import atomic_write_json, read_jsonl
+from fcapp.paths import data_dir, shipped
 from fcapp.records import FINAL_ANSWER, Call
-from fcapp.tasks.base import Problem, Task, read_jsonl, split_of
+from fcapp.tasks.base import Problem, Task, split_of
 from fcapp.tools import logic as logic_module
 from fcapp.tools.base import Registry, ToolError
 from fcapp.tools.logic import FormulaError, constants, consistent, decide_parsed, logic_toolkit, parse, predicates
 
-FOLIO_PATH = Path(__file__).resolve().parents[2] / "assets" / "folio" / "train.jsonl"
 _LABELS = {"true": "True", "yes": "True", "false": "False", "no": "False",
            "unknown": "Unknown", "uncertain": "Unknown", "undetermined": "Unknown"}
 
@@ -162,8 +161,9 @@ class FolioTask(_FolTask):
     description = "FOLIO first-order logic stories: is the conclusion True, False or Unknown?"
     require_conclusion_fol = False
 
-    def __init__(self, path: str | Path = FOLIO_PATH) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None = None) -> None:
+        """`path`: a JSONL file in FOLIO's format; the shipped FOLIO training set by default."""
+        self.path = Path(path) if path else shipped("folio/train.jsonl")
         self._problems: list[Problem] | None = None
         self.skipped: list[str] = []  # records whose FOL does not parse (annotation errors in the data)
 
@@ -192,9 +192,7 @@ def _cached(key: str, build: Callable[[], list[Problem]], data: bytes = b"") -> 
     except (OSError, ValueError, TypeError):  # absent or damaged: build it
         pass
     problems = build()
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    partial.write_text(json.dumps([dataclasses.asdict(p) for p in problems]), encoding="utf-8")
-    os.replace(partial, path)  # concurrent builders write the same bytes; readers never see half
+    atomic_write_json(path, [dataclasses.asdict(p) for p in problems], indent=None)  # racing builders: same bytes
     return problems
 
 
@@ -212,8 +210,9 @@ class FolioFormulaTask(_FolTask):
     require_conclusion_fol = True
     CANDIDATES = 24  # conclusions tried per story
 
-    def __init__(self, path: str | Path = FOLIO_PATH) -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | Path | None = None) -> None:
+        """`path`: the FOLIO-format file whose stories the problems come from (default: the shipped one)."""
+        self.path = Path(path) if path else shipped("folio/train.jsonl")
         self._problems: list[Problem] | None = None
 
     def problems(self) -> list[Problem]:
@@ -223,7 +222,7 @@ class FolioFormulaTask(_FolTask):
 
     def _build(self) -> list[Problem]:
         stories: dict[str, dict[str, Any]] = {}
-        for _, record in read_jsonl(self.path, strict=False)[0]:
+        for _, record in read_jsonl(self.path, skipped=[]):
             if isinstance(record.get("story_id"), (str, int)):
                 stories.setdefault(str(record["story_id"]), record)
         return [p for story_id, record in stories.items() for p in self._story(story_id, record)]

@@ -15,13 +15,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
-from fcapp.paths import ASSETS
+from fcapp.files import read_jsonl
+from fcapp.paths import shipped
 from fcapp.records import FINAL_ANSWER, Call
-from fcapp.tasks.base import Problem, Task, read_jsonl
+from fcapp.tasks.base import Problem, Task
 from fcapp.tools.base import Registry
 from fcapp.tools.math import math_toolkit
 
-GSM8K_FILE = ASSETS / "gsm8k" / "train.jsonl"
 CALCULATOR = "calculator"
 # The worked example every prompt carries: Natalia's clips, two calculator steps (train split).
 DEMONSTRATION_ID = "gsm8k-0"
@@ -136,7 +136,7 @@ def problem_from_record(record: dict[str, Any], problem_id: str | None = None) -
 @functools.cache
 def _load(path: Path) -> tuple[Problem, ...]:
     """The shipped problems, parsed once per process (the file has 7,473 lines)."""
-    return tuple(problem_from_record(record, f"gsm8k-{i}") for i, (_, record) in enumerate(read_jsonl(path)[0]))
+    return tuple(problem_from_record(record, f"gsm8k-{i}") for i, (_, record) in enumerate(read_jsonl(path)))
 
 
 class Gsm8kTask(Task):
@@ -146,7 +146,7 @@ class Gsm8kTask(Task):
     description = "Grade-school math word problems (GSM8K); the answer is a number."
 
     def problems(self) -> list[Problem]:
-        return list(_load(GSM8K_FILE))
+        return list(_load(shipped("gsm8k/train.jsonl")))
 
     def tools(self, problem: Problem) -> Registry:
         return math_toolkit()

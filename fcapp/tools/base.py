@@ -239,11 +239,6 @@ def tool_from_function(
     return built
 
 
-def tool(examples: list[dict[str, Any]] | None = None, name: str | None = None) -> Callable[[Callable], Tool]:
-    """Decorator form of `tool_from_function`."""
-    return lambda fn: tool_from_function(fn, examples=examples, name=name)
-
-
 class Registry:
     """The functions one task exposes, in prompt order, each enabled or disabled."""
 

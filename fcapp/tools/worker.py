@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import resource
 import subprocess
 import sys
@@ -42,7 +41,6 @@ class _Worker:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "fcapp.tools.worker"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL, text=True, encoding="utf-8", close_fds=True,
-            env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
         )
         self.reply: dict[str, Any] | None = None
 

@@ -7,6 +7,6 @@
 """
 
 from fcapp.training.config import TERMINAL, TrainConfig
-from fcapp.training.job import TrainingJob, attach, list_models, list_runs, start_training
+from fcapp.training.job import TrainingJob, attach, list_runs, start_training
 
-__all__ = ["TERMINAL", "TrainConfig", "TrainingJob", "attach", "list_models", "list_runs", "start_training"]
+__all__ = ["TERMINAL", "TrainConfig", "TrainingJob", "attach", "list_runs", "start_training"]

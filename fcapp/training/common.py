@@ -18,7 +18,7 @@ from fcapp.training.folder import RunFolder, read_json
 def load_tokenizer(base: str) -> Any:
     from transformers import AutoTokenizer
 
-    from fcapp.models.local import resolve_model_path
+    from fcapp.models.registry import resolve_model_path
 
     return AutoTokenizer.from_pretrained(resolve_model_path(base))
 

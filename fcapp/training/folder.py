@@ -16,6 +16,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
+from fcapp.files import atomic_write_json, read_log
+
 
 class StopSignal(Protocol):
     def is_set(self) -> bool: ...
@@ -25,36 +27,13 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def write_json(path: Path, record: dict[str, Any]) -> None:
-    """Atomic: a reader never sees half a file."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=1, default=str))
-    os.replace(tmp, path)
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
+    """A JSON object file, or None while it is missing or unreadable."""
     try:
         record = json.loads(path.read_text())
     except (OSError, ValueError):
         return None
     return record if isinstance(record, dict) else None
-
-
-def read_log(path: Path) -> list[dict[str, Any]]:
-    """Records of a JSONL log; a partial (still being written) last line is skipped."""
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    except OSError:
-        return []
-    records = []
-    for line in lines:
-        if not line.endswith("\n"):
-            break
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return records
 
 
 @dataclass
@@ -84,12 +63,12 @@ class RunFolder:
 
     def status(self, status: str, **extra: Any) -> None:
         if self.main:
-            write_json(self.status_path, {"status": status, "pid": os.getpid(), "name": self.name,
+            atomic_write_json(self.status_path, {"status": status, "pid": os.getpid(), "name": self.name,
                                           "updated": now(), **extra})
 
     def write_card(self, card: dict[str, Any]) -> None:
         if self.main:
-            write_json(self.out / "card.json", card)
+            atomic_write_json(self.out / "card.json", card)
 
     def keep_log(self, keep: Callable[[dict], bool]) -> None:
         """Rewrite log.jsonl with the records `keep` accepts (a resumed run redoes the rest)."""

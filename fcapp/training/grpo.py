@@ -77,7 +77,7 @@ class Rollouts:
 
         module = trainer.accelerator.unwrap_model(trainer.model)
         if self.policy is None:
-            self.policy = LocalModel.around(module, self.tokenizer, model_id=self.config.name)
+            self.policy = LocalModel.around(module, self.tokenizer, self.config.name)
         self.policy.clear_cache()  # the weights changed since the last rollout
         was_training = module.training
         module.eval()

@@ -20,7 +20,8 @@ from typing import Any
 
 from fcapp.paths import models_dir, safe_name
 from fcapp.training.config import TERMINAL, TrainConfig
-from fcapp.training.folder import now, read_json, read_log, write_json
+from fcapp.files import atomic_write_json
+from fcapp.training.folder import now, read_json, read_log
 
 _CHILDREN: dict[Path, subprocess.Popen] = {}  # workers this process started, so attach() can reap them
 
@@ -121,7 +122,7 @@ class TrainingJob:
         cause = _describe_exit(code) if code is not None else "ended without reporting (killed or crashed)"
         info |= {"status": "failed", "returncode": code, "updated": now(),
                  "error": f"training worker (pid {self.pid}) {cause}", "log_tail": _log_tail(self.worker_log)}
-        write_json(self.status_path, info)
+        atomic_write_json(self.status_path, info)
         return info
 
     def read_log(self) -> list[dict[str, Any]]:
@@ -163,7 +164,7 @@ class TrainingJob:
         if info["status"] == "failed" and info.get("returncode") == -signal.SIGKILL:
             info |= {"status": "stopped", "error": f"did not stop within {timeout + grace:.0f} s and was killed; "
                                                    "only the last checkpoint is kept"}
-            write_json(self.status_path, info)
+            atomic_write_json(self.status_path, info)
         return info
 
 
@@ -188,7 +189,7 @@ def build_data(config: TrainConfig, store: Any, target: Path) -> dict[str, Any]:
 def validate(config: TrainConfig) -> dict[str, Any]:
     """Everything checkable before a worker starts: the base model, the task, the data file (rows,
     held-out problems, lengths). Returns a summary: rows in the file and rows that will be used."""
-    from fcapp.models.local import resolve_model_path
+    from fcapp.models.registry import resolve_model_path
 
     base = resolve_model_path(config.base)
     if not (Path(base) / "config.json").is_file():
@@ -252,16 +253,14 @@ def start_training(config: TrainConfig, store: Any = None) -> TrainingJob:
     for stale in ("STOP", "card.json") + (() if config.resume else ("log.jsonl",)):
         (out / stale).unlink(missing_ok=True)
     config_path = out / "config.json"
-    write_json(config_path, config.to_dict())
+    atomic_write_json(config_path, config.to_dict())
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", TRL_EXPERIMENTAL_SILENCE="1")
-    package_root = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     with (out / "worker.log").open("ab") as log:
         process = subprocess.Popen([sys.executable, "-m", "fcapp.training.worker", "--config", str(config_path)],
                                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
                                    start_new_session=True)  # own process group: stop() can signal all of it
-    write_json(out / "status.json", {"status": "starting", "pid": process.pid, "name": config.name, "updated": now(),
+    atomic_write_json(out / "status.json", {"status": "starting", "pid": process.pid, "name": config.name, "updated": now(),
                                      "method": config.method})
     _CHILDREN[out.resolve()] = process
     return TrainingJob(out, process)
@@ -291,19 +290,3 @@ def list_runs() -> list[dict[str, Any]]:
                      "rows": (card.get("data") or {}).get("used"), "metrics": card.get("metrics") or {},
                      "error": info.get("error"), "mtime": status_path.stat().st_mtime})
     return sorted(runs, key=lambda r: r["mtime"], reverse=True)
-
-
-def list_models() -> list[dict[str, Any]]:
-    """Registered tuned models (a card.json beside a model folder), newest first."""
-    models = []
-    for card_path in models_dir().glob("*/card.json"):
-        card = read_json(card_path)
-        model = card_path.parent / "model"
-        if card is None or not (model / "config.json").exists():
-            continue
-        models.append({"name": card_path.parent.name, "path": str(model), "base": card.get("base"),
-                       "created": card.get("finished") or card.get("started"), "method": card.get("method"),
-                       "adapter": card.get("adapter"), "status": card.get("status"), "steps": card.get("global_step"),
-                       "pairs": card.get("data", {}).get("used"), "train_seconds": card.get("train_seconds"),
-                       **card.get("metrics", {})})
-    return sorted(models, key=lambda m: m["created"] or "", reverse=True)

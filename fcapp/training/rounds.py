@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from fcapp.training.config import TrainConfig
-from fcapp.training.folder import RunFolder, read_log, write_json
+from fcapp.files import atomic_write_json
+from fcapp.training.folder import RunFolder, read_log
 
 
 def round_model_id(config: TrainConfig, k: int) -> str:
@@ -104,7 +105,7 @@ def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path:
                 dpo.train_stage(config, folder, path, pairs, tokenizer, target / "model", "dpo", extra={"round": k})
         if not trained:  # nothing to learn from this round: the model goes on unchanged
             shutil.copytree(path, target / "model", dirs_exist_ok=True)
-        write_json(target / "card.json", {"prompt": {"demo": config.demo}, "round": k, "trained_rows": trained,
+        atomic_write_json(target / "card.json", {"prompt": {"demo": config.demo}, "round": k, "trained_rows": trained,
                                           "base": path})
         if folder.stopped:
             break

@@ -70,7 +70,7 @@ def train(config: TrainConfig, stop_event: StopSignal | None = None,
 
 
 def _run(config: TrainConfig, folder: RunFolder, card: dict[str, Any]) -> tuple[int, dict[str, Any]]:
-    from fcapp.models.local import resolve_model_path
+    from fcapp.models.registry import resolve_model_path
     from fcapp.training import dpo, grpo, rounds, sft
     from fcapp.training.common import load_tokenizer
     from fcapp.trainsets import read_training_file

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
+from fcapp.models.registry import EMBEDDED, list_models, model_id, tuned_model_dir
 from fcapp.paths import data_dir
 from fcapp.records import FINAL_ANSWER, Chain, Event, Step
 from fcapp.store import Store
@@ -24,7 +25,6 @@ from fcapp.tools.base import render_call
 # solve, a comparison, a generation job and an evaluation queue for the one slot instead of
 # fighting over two CPU cores. Training runs in its own process and does not take the slot.
 MODEL_SLOT = "model"
-EMBEDDED = "smollm2"
 
 
 @dataclass
@@ -43,11 +43,9 @@ MAX_LOCAL_MODELS = 3  # the embedded model stays; tuned ones are dropped oldest 
 
 def _stamp(spec: str) -> float:
     """Changes when a tuned model of that name is (re)written, so a stale copy is not served."""
-    from fcapp.paths import models_dir
-
-    config = models_dir() / spec / "model" / "config.json"
+    folder = tuned_model_dir(spec)
     try:
-        return config.stat().st_mtime if re.fullmatch(r"[\w.-]+", spec) else 0.0
+        return (folder / "config.json").stat().st_mtime if folder else 0.0
     except OSError:
         return 0.0
 
@@ -56,8 +54,7 @@ def get_model(spec: str | None, api_key_env: str = "OPENAI_API_KEY") -> Any:
     """A loaded model for `spec`, loaded once per app process (the embedded one is never dropped)."""
     from fcapp.models import get_model as load
 
-    spec = (spec or "").strip()
-    spec = EMBEDDED if spec in ("", "base", "default") else spec
+    spec = model_id(spec)  # every name of the embedded model shares one loaded copy
     key = (spec, api_key_env, _stamp(spec))
     with _models_lock:
         if key not in _models:
@@ -72,10 +69,8 @@ def model_choices() -> list[str]:
     """The embedded model and every registered tuned model, newest first."""
     names = [EMBEDDED]
     try:
-        from fcapp.training import list_models
-
-        names += [m["name"] for m in list_models() if m.get("name")]
-    except (ImportError, OSError, ValueError):
+        names += [m["name"] for m in list_models()]
+    except OSError:  # an unreadable models folder leaves the embedded model to choose
         pass
     return list(dict.fromkeys(names))
 

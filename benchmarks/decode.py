@@ -1,0 +1,339 @@
+"""`python -m benchmarks.decode`: measure the local backend and the agent loop, print a table of
+ratios and write it to benchmarks/results.md.
+
+Each ratio compares two things measured in this run on this machine. A shared CPU is noisy, so every
+timing is the best of two tries, taken in turns with what it is compared to. 5-8 minutes on the
+2-core box, depending on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Iterator, TypeVar
+
+import torch
+import transformers
+
+from benchmarks.report import Row, command, log, table
+from benchmarks.report import machine as machine_basics
+from fcapp.batching import solve_batch
+from fcapp.models.base import Message
+from fcapp.models.local import LocalModel, _lay_out_for_decode
+from fcapp.models.registry import embedded_gguf, embedded_model_dir, gguf_to_folder
+from fcapp.records import Chain
+from fcapp.solve import SolveConfig, solve, start_chain
+from fcapp.tasks import get_task
+from fcapp.tasks.base import Problem, Task
+
+RESULTS = Path(__file__).with_name("results.md")
+PROBLEM = "gsm8k-5"  # greedy SmolLM2 goes on to the 5-step limit on it
+CHAIN = SolveConfig(max_steps=5, max_new_tokens=48)
+SAMPLES = [SolveConfig(4, 0.8, 0.95, 48, seed=k) for k in range(8)]
+DECODE = 48  # tokens per decode-rate measurement
+T = TypeVar("T")
+
+
+def timed(run: Callable[[], object]) -> float:
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
+
+
+def best_of(repeat: int, run: Callable[[], float]) -> float:
+    """The smallest of `repeat` timings: the one least disturbed by other processes."""
+    return min(run() for _ in range(repeat))
+
+
+@contextlib.contextmanager
+def threads_set(threads: int) -> Iterator[None]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def with_threads(threads: int, run: Callable[[], float]) -> float:
+    with threads_set(threads):
+        return run()
+
+
+# ---- the machine ----------------------------------------------------------------------------------
+def machine() -> dict[str, str]:
+    return machine_basics() | {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def read_bandwidth() -> float:
+    """Memory read bandwidth in bytes/s: summing a 256 MiB tensor (far bigger than any cache), with
+    1 thread and with all."""
+    data = torch.ones(64 * 2**20)
+    rates = []
+    for threads in sorted({1, torch.get_num_threads()}):
+        with threads_set(threads):
+            data.sum()
+            rates.append(data.numel() * 4 / best_of(10, lambda: timed(data.sum)))
+    return max(rates)
+
+
+# ---- forward passes without the agent ---------------------------------------------------------------
+def bare_decode(model: LocalModel, ids: list[int], n: int, mode: Callable = torch.inference_mode) -> tuple[float, float]:
+    """(prefill s, decode s): encode `ids` the way the agent does (reusing the cache) and greedily
+    decode n tokens with nothing else: no chat template, no detokenising, no call parsing, no tools."""
+    with mode():
+        began = time.perf_counter()
+        logits = model._prefill([ids])
+        middle = time.perf_counter()
+        for _ in range(n - 1):
+            logits = model._state.feed(model.model, [[int(logits[0].argmax())]], model.pad_id)
+        return middle - began, time.perf_counter() - middle
+
+
+def decode_seconds(model: LocalModel, ids: list[int], mode: Callable = torch.inference_mode) -> float:
+    """Seconds for one sequence to decode DECODE tokens after `ids` (cold cache)."""
+    model.clear_cache()
+    return bare_decode(model, ids, DECODE + 1, mode)[1]
+
+
+def prefill_seconds(model: LocalModel, ids: list[int]) -> float:
+    model.clear_cache()
+    return bare_decode(model, ids, 1)[0]
+
+
+def batch_step(model: LocalModel, ids: list[int], rows: int = 8) -> float:
+    """Seconds of one decode step of `rows` sequences after `ids` (the best of 6 steps)."""
+    model.clear_cache()
+    with torch.inference_mode():
+        logits = model._prefill([ids] * rows)
+        times = []
+        for _ in range(6):
+            began = time.perf_counter()
+            logits = model._state.feed(model.model, [[t] for t in logits.argmax(-1).tolist()], model.pad_id)
+            times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def plain_generate_rate(ids: list[int]) -> float:
+    """Decode tokens/s of transformers' own `generate` on a plainly loaded model, timed between its
+    first and last new token (prefill excluded)."""
+    from transformers import AutoModelForCausalLM, StoppingCriteria, StoppingCriteriaList
+
+    class Clock(StoppingCriteria):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            self.times.append(time.perf_counter())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    plain = AutoModelForCausalLM.from_pretrained(embedded_model_dir(), dtype=torch.float32).eval()
+
+    def run() -> float:
+        clock = Clock()
+        plain.generate(torch.tensor([ids]), max_new_tokens=DECODE + 1, min_new_tokens=DECODE + 1, do_sample=False,
+                       pad_token_id=plain.config.eos_token_id, stopping_criteria=StoppingCriteriaList([clock]))
+        return clock.times[-1] - clock.times[0]
+    return DECODE / best_of(3, run)
+
+
+@contextlib.contextmanager
+def plain_layout(model: LocalModel) -> Iterator[None]:
+    """Store the Linear weights the usual way ([out, in] rows) for a while."""
+    for module in model.model.modules():
+        if isinstance(module, torch.nn.Linear):
+            module.weight.data = module.weight.data.contiguous()
+    try:
+        yield
+    finally:
+        _lay_out_for_decode(model.model)
+
+
+def with_plain_layout(model: LocalModel, run: Callable[[], float]) -> float:
+    with plain_layout(model):
+        return run()
+
+
+# ---- chains ------------------------------------------------------------------------------------------
+def record(chain: Chain) -> list:
+    return [(s.text, s.result, s.error) for s in chain.steps] + [chain.answer]
+
+
+def first_prompt(task: Task, problem: Problem) -> list[Message]:
+    """A chain's first prompt: system prompt with the injected functions, worked example, question."""
+    return start_chain(task, problem, "bench", CHAIN)[1].messages()
+
+
+def run_chain(model: LocalModel, task: Task, problem: Problem, prefix_cache: bool = True) -> tuple[float, float, Chain]:
+    """(seconds, decode tokens/s of the model inside the loop, chain) of solving from a cold cache."""
+    model.clear_cache()
+    model.prefix_cache = prefix_cache
+    steps, seconds, began = model.stats.decode_steps, model.stats.decode_s, time.perf_counter()
+    try:
+        chain = solve(task, problem, model, CHAIN)
+    finally:
+        model.prefix_cache = True
+    rate = (model.stats.decode_steps - steps) / (model.stats.decode_s - seconds)
+    return time.perf_counter() - began, rate, chain
+
+
+def raw_replay(model: LocalModel, chain: Chain) -> float:
+    """Seconds for the bare loop to produce the chain's tokens: each step's prompt (tokenised
+    beforehand, the cache reused as the agent does) and as many greedy tokens as that step made."""
+    steps = [(model.encode(dataclasses.replace(chain, steps=chain.steps[:i]).messages()), s.completion_tokens)
+             for i, s in enumerate(chain.steps)]
+    model.clear_cache()
+    return sum(sum(bare_decode(model, ids, max(n, 1))) for ids, n in steps)
+
+
+def paired(first: Callable[[], T], second: Callable[[], T], rounds: int = 2,
+           key: Callable[[T], float] | None = None) -> tuple[T, T]:
+    """The best (smallest `key`) result of each of two measurements, taken in turns so that both see
+    the same moments of a noisy machine."""
+    a, b = [], []
+    for _ in range(rounds):
+        a.append(first())
+        b.append(second())
+    return min(a, key=key), min(b, key=key)  # type: ignore[type-var]
+
+
+def seconds_of(result: tuple) -> float:
+    return result[0]
+
+
+# ---- the run -----------------------------------------------------------------------------------------
+def run() -> tuple[dict[str, str], list[Row]]:
+    info = machine()
+    rows: list[Row] = []
+    task = get_task("gsm8k")
+    problem = task.get(PROBLEM)
+
+    log("memory bandwidth")
+    bandwidth = read_bandwidth()
+
+    log("model load: cached folder vs converting the GGUF")
+    embedded_model_dir()  # the cache exists before it is timed
+    cached = best_of(2, lambda: timed(lambda: LocalModel(threads=1)))
+    with tempfile.TemporaryDirectory(prefix="fcapp-bench-") as tmp:
+        converted = timed(lambda: gguf_to_folder(embedded_gguf(), Path(tmp) / "model"))
+    rows.append(Row("model load: cached folder vs converting the GGUF", f"{converted:.1f} s vs {cached:.2f} s",
+                    f"{converted / cached:.1f}x", ">= 5x", converted / cached >= 5))
+
+    model = LocalModel(threads=1)
+    weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
+    ids = model.encode(first_prompt(task, problem))
+
+    log("threads")
+    most = torch.get_num_threads()
+
+    def by_threads(measure: Callable[[], float]) -> dict[int, float]:
+        """{threads: best seconds} of `measure` with all cores and with one, taken in turns."""
+        many, single = paired(lambda: with_threads(most, measure), lambda: with_threads(1, measure))
+        return {most: many, 1: single}
+    one = by_threads(lambda: decode_seconds(model, ids) / DECODE)
+    step = by_threads(lambda: batch_step(model, ids))
+    prefill = by_threads(lambda: prefill_seconds(model, ids))
+    threads = min(one, key=one.get)
+    model.threads = threads
+    for name, times, unit in (("decode step, 1 sequence", one, "ms"), ("decode step, 8 sequences", step, "ms"),
+                              (f"prefill of {len(ids)} tokens", prefill, "s")):
+        scale = 1e3 if unit == "ms" else 1
+        rows.append(Row(f"threads: {name}, {most} vs 1", f"{times[most] * scale:.3g} vs {times[1] * scale:.3g} {unit}",
+                        f"{times[1] / times[most]:.2f}x"))
+    rows.append(Row("decode throughput: 8 sequences in a batch vs 1", f"{step[threads] * 1e3:.0f} ms/step for 8 vs "
+                    f"{one[threads] * 1e3:.0f} ms for 1 ({threads} thread(s))", f"{8 * one[threads] / step[threads]:.2f}x"))
+
+    with threads_set(threads):
+        log("decode rates")
+        ours, plain_rows = paired(lambda: decode_seconds(model, ids), lambda: with_plain_layout(model, lambda: decode_seconds(model, ids)))
+        rows.append(Row("weights laid out [in, out] vs [out, in] (fp32 decode)",
+                        f"{DECODE / ours:.1f} vs {DECODE / plain_rows:.1f} tok/s", f"{plain_rows / ours:.2f}x"))
+        inference, no_grad = paired(lambda: decode_seconds(model, ids), lambda: decode_seconds(model, ids, torch.no_grad))
+        rows.append(Row("inference_mode vs no_grad (decode)", f"{DECODE / inference:.1f} vs {DECODE / no_grad:.1f} tok/s",
+                        f"{no_grad / inference:.2f}x"))
+        plain = plain_generate_rate(ids)
+
+        log("5-step chain: prefix cache on vs off")
+        on, off = paired(lambda: run_chain(model, task, problem, True), lambda: run_chain(model, task, problem, False),
+                         key=seconds_of)
+        chain = on[2]
+        same = record(on[2]) == record(off[2])
+        rows.append(Row(f"{len(chain.steps)}-step chain: prefix reuse vs re-encoding each step",
+                        f"{off[0]:.1f} s vs {on[0]:.1f} s, chains identical: {'yes' if same else 'NO'}",
+                        f"{off[0] / on[0]:.2f}x", ">= 1.5x", off[0] / on[0] >= 1.5 and same))
+
+        log("agent loop vs the bare loop")
+        agent, raw = paired(lambda: run_chain(model, task, problem)[:2], lambda: (raw_replay(model, chain), 0.0))
+        overhead = agent[0] / raw[0] - 1
+        rows.append(Row("agent loop vs raw decode of the same tokens", f"{agent[0]:.2f} s vs {raw[0]:.2f} s",
+                        f"{overhead * 100:+.1f}%", "<= +10%", overhead <= 0.10))
+        loop_rate = max(on[1], agent[1])
+        bound = bandwidth / weights
+        rows.append(Row("decode in the agent loop vs plain model.generate", f"{loop_rate:.1f} vs {plain:.1f} tok/s",
+                        f"{loop_rate / plain:.2f}x"))
+        rows.append(Row("decode in the agent loop vs memory-bandwidth bound",
+                        f"{loop_rate:.1f} vs {bound:.1f} tok/s ({bandwidth / 1e9:.1f} GB/s / {weights / 1e6:.0f} MB)",
+                        f"{loop_rate / bound * 100:.1f}%", ">= 50%", loop_rate / bound >= 0.5))
+        rows.append(Row("plain model.generate vs memory-bandwidth bound", f"{plain:.1f} vs {bound:.1f} tok/s",
+                        f"{plain / bound * 100:.1f}%"))
+
+        log("threads chosen by measurement")
+        chosen, fixed = paired(lambda: run_chain(LocalModel(), task, problem),  # threads=None: the default
+                               lambda: run_chain(model, task, problem), key=seconds_of)
+        rows.append(Row(f"chain with threads chosen by measurement vs fixed at the best ({threads})",
+                        f"{chosen[0]:.2f} s vs {fixed[0]:.2f} s", f"{chosen[0] / fixed[0] - 1:+.1%}"))
+
+        log("bf16")
+        rows += bf16_rows(model, ids, chain, bandwidth, task, problem)
+
+        log("8 samples: batched vs one after another")
+        def sequential() -> float:
+            model.clear_cache()
+            return timed(lambda: [solve(task, problem, model, c) for c in SAMPLES])
+
+        def batched() -> float:
+            model.clear_cache()
+            return timed(lambda: solve_batch(task, [(problem, c) for c in SAMPLES], model, 8))
+        one_by_one, together = paired(sequential, batched)
+        rows.append(Row("8 samples batched vs one after another",
+                        f"{60 * 8 / together:.1f} vs {60 * 8 / one_by_one:.1f} chains/min",
+                        f"{one_by_one / together:.2f}x", ">= 3x", one_by_one / together >= 3))
+
+    info["threads used"] = str(threads)
+    info["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return info, rows
+
+
+def bf16_rows(model: LocalModel, ids: list[int], chain: Chain, bandwidth: float, task: Task, problem: Problem) -> list[Row]:
+    """bf16 against fp32: the speed of each kind of pass, and how often it picks the same next token."""
+    half = LocalModel(dtype="bfloat16", threads=torch.get_num_threads())
+    decode = paired(lambda: decode_seconds(model, ids), lambda: decode_seconds(half, ids))
+    step = paired(lambda: batch_step(model, ids), lambda: batch_step(half, ids))
+    prefill = paired(lambda: prefill_seconds(model, ids), lambda: prefill_seconds(half, ids))
+    bound = bandwidth / sum(p.numel() * p.element_size() for p in half.model.parameters())
+    same_chain = record(solve(task, problem, half, CHAIN)) == record(chain)
+    with torch.inference_mode():
+        tokens = torch.tensor([model.encode(chain.messages())])
+        agree = float((model.model(tokens).logits[0].argmax(-1) == half.model(tokens).logits[0].argmax(-1)).float().mean())
+    accuracy = f"next-token agreement with fp32 {agree * 100:.1f}%, same greedy chain: {'yes' if same_chain else 'no'}"
+    return [
+        Row("bf16 vs fp32: decode 1 sequence", f"{DECODE / decode[1]:.1f} vs {DECODE / decode[0]:.1f} tok/s "
+            f"({DECODE / decode[1] / bound * 100:.0f}% of the bf16 bound); {accuracy}", f"{decode[0] / decode[1]:.2f}x"),
+        Row("bf16 vs fp32: decode step, 8 sequences", f"{step[1] * 1e3:.0f} vs {step[0] * 1e3:.0f} ms", f"{step[0] / step[1]:.2f}x"),
+        Row(f"bf16 vs fp32: prefill of {len(ids)} tokens", f"{prefill[1]:.2f} vs {prefill[0]:.2f} s",
+            f"{prefill[0] / prefill[1]:.2f}x"),
+    ]
+
+
+def render(info: dict[str, str], rows: list[Row]) -> str:
+    return table("Benchmark results", "Produced by `python -m benchmarks.decode`; benchmarks/README.md says what each row "
+                 "measures and what was adopted. On a shared machine the absolute numbers move with its load "
+                 "(below); each ratio compares two measurements taken in turns.", info, rows)
+
+
+if __name__ == "__main__":
+    command("python -m benchmarks.decode", __doc__.splitlines()[0], RESULTS, run, render)
