@@ -14,7 +14,7 @@ from benchmarks.report import log
 BENCHMARKS = {
     "decode": "the local backend and the agent loop (results.md; ~5 min on the 2-core box)",
     "teacher": "teacher generation over HTTP, concurrency 4 vs 1 (teacher_results.md; ~1.5 min)",
-    "dpo": "DPO seconds per pair and peak memory, LoRA vs full (dpo_results.md; ~2.5 min)",
+    "training": "seconds per pair / example / step of DPO, SFT, GRPO, each lever on and off (training_results.md; ~15 min)",
 }
 
 

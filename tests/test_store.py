@@ -234,7 +234,9 @@ def test_migrates_a_v1_database(tmp_path: Path) -> None:
         assert store.get_problem("p1").answer == "3"
         old = store.get_chain(1)
         assert old["label"] == "reject" and old["effective_verdict"] is False and has_chain(store, "k1")
-        assert store.get_run(store.add_run("r", "full", {}))["status"] == "created"
+        row = {"problem_id": "p1", "prompt": [], "chosen": [], "rejected": []}
+        assert [p["policy"] for p in store.list_pairs()] == [] and store.save_pairs("gsm8k", "s", [row])  # v2 tables
+        assert [p["policy"] for p in store.list_pairs()] == ["s"]
         assert store.check() == "ok"
 
 

@@ -89,6 +89,8 @@ class TrainConfig:
     # -- dpo -----------------------------------------------------------------------------------------------
     beta: float = option(0.1, "DPO temperature: how far the tuned model may move from the reference",
                          methods=("dpo", "rounds"))
+    precompute_ref: bool | None = option(None, "compute the reference log-probs once before training; default: when "
+                                               "the run sees every pair at least once", methods=("dpo", "rounds"))
     warmup_steps: int = option(0, "SFT steps before DPO or GRPO (on the chosen chains, or --warmup-data); "
                                   "DPO's reference is then the warmed-up model", methods=("dpo", "grpo"))
     warmup_data: str | None = option(None, "SFT examples for the warm-up (default: the pairs' chosen chains)",

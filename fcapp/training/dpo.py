@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, pairs: l
     resumed = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
     if checkpoints:
         folder.keep_log(lambda r: r.get("stage") != stage or r["step"] <= resumed)
-    precompute = precompute_reference(config, len(pairs))
+    precompute = config.precompute_ref if config.precompute_ref is not None else precompute_reference(config, len(pairs))
     if card is not None:
         card["resumed_from_step"] = resumed if checkpoints and config.resume else None
         card["precomputed_reference"] = precompute
@@ -90,13 +91,15 @@ def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, pairs: l
                             checkpoint_on_stop=checkpoints is not None, extra=extra)
     folder.status("running", stage="reference log-probs" if precompute else "loading")
     data = Dataset.from_list([{c: p[c] for c in COLUMNS} for p in pairs])
+    began = time.monotonic()  # the training loop's own time: setup (e.g. reference log-probs) + steps
     trainer = DPOTrainer(model=load_model(base_path, config), args=args, train_dataset=data,
                          processing_class=tokenizer, callbacks=callbacks(callback, thread_callback(config)),
                          peft_config=lora(config))
     callback.accelerator = trainer.accelerator
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    loop_seconds = round(time.monotonic() - began, 2)
     save_model(trainer, tokenizer, target, config.adapter)
     if checkpoints is None and folder.main:
         shutil.rmtree(run_dir, ignore_errors=True)
     last = {k: v for k, v in folder.last.items() if k not in ("stage", "step", "max_steps", "time", "round")}
-    return trainer.state.global_step, last | dict(output.metrics)
+    return trainer.state.global_step, last | dict(output.metrics) | {"train_loop_s": loop_seconds}

@@ -15,6 +15,7 @@ Rewards (each logged as rewards/<name>/mean; a weight of 0 switches a shaping te
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable
 
 from fcapp.records import Chain
@@ -155,12 +156,14 @@ def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path:
                       top_p=config.top_p, remove_unused_columns=False, log_completions=False)
     previous = [r for r in read_log(folder.log_path) if r.get("stage") == "grpo"]
     callback = run_callback(folder, "grpo", previous[-1]["elapsed_s"] if previous else 0.0)
+    began = time.monotonic()  # the training loop's own time: setup + steps
     trainer = GRPOTrainer(model=load_model(base_path, config), reward_funcs=functions, args=args,
                           train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
                           callbacks=callbacks(callback, thread_callback(config)), peft_config=lora(config),
                           rollout_func=Rollouts(config, task, by_question, tokenizer))
     callback.accelerator = trainer.accelerator
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    loop_seconds = round(time.monotonic() - began, 2)
     save_model(trainer, tokenizer, folder.out / "model", config.adapter)
     last = {k: v for k, v in folder.last.items() if k not in ("stage", "step", "max_steps", "time")}
-    return trainer.state.global_step, last | dict(output.metrics)
+    return trainer.state.global_step, last | dict(output.metrics) | {"train_loop_s": loop_seconds}

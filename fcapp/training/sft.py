@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -76,13 +77,15 @@ def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, examples
     callback = run_callback(folder, stage, previous[-1]["elapsed_s"] if previous else 0.0,
                             checkpoint_on_stop=checkpoints is not None, extra=extra)
     collator = PackedCollator(tokenizer.pad_token_id or 0) if config.pack else None
+    began = time.monotonic()  # the training loop's own time: setup (e.g. reference log-probs) + steps
     trainer = SFTTrainer(model=load_model(base_path, config), args=args, train_dataset=Dataset.from_list(examples),
                          data_collator=collator, processing_class=tokenizer,
                          callbacks=callbacks(callback, thread_callback(config)), peft_config=lora(config))
     callback.accelerator = trainer.accelerator
     output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    loop_seconds = round(time.monotonic() - began, 2)
     save_model(trainer, tokenizer, target, config.adapter)
     if checkpoints is None and folder.main:
         shutil.rmtree(run_dir, ignore_errors=True)
     last = {k: v for k, v in folder.last.items() if k not in ("stage", "step", "max_steps", "time", "round")}
-    return trainer.state.global_step, last | dict(output.metrics)
+    return trainer.state.global_step, last | dict(output.metrics) | {"train_loop_s": loop_seconds}
