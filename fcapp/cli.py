@@ -236,7 +236,8 @@ def cmd_models(args: argparse.Namespace) -> int:
 def cmd_app(args: argparse.Namespace) -> int:
     from fcapp.ui.app import launch
 
-    launch(host=args.host, port=args.port, auth=args.auth, db=args.db)
+    launch(host=args.host, port=args.port, auth=args.auth, db=args.db,
+           allow_unsandboxed_functions=args.allow_unsandboxed_functions)
     return 0
 
 
@@ -327,6 +328,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", help="user:password (required for a non-loopback host)")
     p.add_argument("--db", help="SQLite database path")
+    p.add_argument("--allow-unsandboxed-functions", action="store_true",
+                   help="where the machine has no OS sandbox (bubblewrap namespaces), run user functions "
+                        "with resource limits only instead of refusing them")
     p.set_defaults(func=cmd_app)
     return parser
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
+
 import gradio as gr
 
 from fcapp.paths import data_dir
 from fcapp.serve import is_loopback
 from fcapp.store import Store
+from fcapp.tools import namespaces
 from fcapp.ui import common, compare, curate, functions, solve, train
 
 CSS = """
@@ -89,12 +92,18 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, db: str | None = None) -> None:
-    """Serve the app; a non-loopback host needs `auth` ("user:password")."""
+def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, db: str | None = None,
+           allow_unsandboxed_functions: bool = False) -> None:
+    """Serve the app; a non-loopback host needs `auth` ("user:password"). Where the machine has no
+    OS sandbox, user functions are refused unless `allow_unsandboxed_functions`."""
     credentials = parse_auth(auth)
     if not is_loopback(host) and credentials is None:
         raise ValueError(f"binding to {host} makes the app reachable from other machines: "
                          "pass --auth user:password (or use the default host 127.0.0.1)")
+    if allow_unsandboxed_functions:
+        namespaces.allow_unsandboxed()
+    log = logging.getLogger("fcapp")
+    (log.info if namespaces.unavailable() is None else log.warning)(namespaces.status())
     demo = build_app(db)
     demo.launch(server_name=host, server_port=port, auth=credentials, show_error=True, ssr_mode=False,
                 theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, head=HEAD,
