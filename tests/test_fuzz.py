@@ -88,11 +88,17 @@ SYNTAX = ["(", ")", "[", "]", "{", "}", '"', "'", '"""', "\\", "\\u", "<tool_cal
 # ---- the agents and tools under test ----------------------------------------------------------
 PREMISES = ["∀x (Cat(x) → Furry(x))", "Cat(tom)", "¬Happy(anna)", "Owns(anna, tom) ∧ f(tom) = bob",
             "∀x ∃y (Likes(x, y) ∨ x = y)"]
-# In this process (not in tool workers), so that the audit hook sees everything the tool code does;
-# the worker path is tested at the end of the module.
-MATH_AGENT = Agent(Registry([dataclasses.replace(t, isolated=False) for t in math_toolkit()]))
+
+
+def in_process(tools: Registry) -> Registry:
+    """The tools run in this process (not in tool workers), so that the audit hook sees everything
+    their code does; the worker path is tested at the end of the module."""
+    return Registry([dataclasses.replace(t, isolated=False) for t in tools])
+
+
+MATH_AGENT = Agent(in_process(math_toolkit()))
 # A short solver limit keeps every example bounded (the tool's own limit follows from it).
-LOGIC_AGENT = Agent(logic_toolkit(PREMISES, timeout_ms=300))
+LOGIC_AGENT = Agent(in_process(logic_toolkit(PREMISES, timeout_ms=300)))
 AGENTS = {"math": MATH_AGENT, "logic": LOGIC_AGENT}
 TOOL_NAMES = sorted({t.name for agent in AGENTS.values() for t in agent.tools})
 PARAMS = {t.name: list(t.parameters["properties"]) for agent in AGENTS.values() for t in agent.tools}
@@ -696,6 +702,21 @@ def test_a_runaway_sympy_call_is_killed_and_the_next_call_is_answered() -> None:
         dataclasses.replace(solve, timeout_s=1).call({"equation": "abs(x) + x**3 = 1"})
     assert len(before - _tool_workers()) == 1  # the worker that ran it is gone
     assert solve.call({"equation": "3*n - 5 = 16"}) == "n = 7"
+
+
+def test_a_tool_worker_grown_past_its_memory_bound_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a call leaves resident in a worker (z3 after a hard check, sympy caches) is freed by
+    ending that worker once it is past RECYCLE_RSS_BYTES; the next call gets a fresh one."""
+    from fcapp.tools import worker
+
+    calculator = math_toolkit().get("calculator")
+    assert calculator.call({"expression": "2 + 2"}) == "4"  # a warm worker
+    before = _tool_workers()
+    monkeypatch.setattr(worker, "RECYCLE_RSS_BYTES", 1)  # every worker is past it
+    assert calculator.call({"expression": "3 + 3"}) == "6"
+    assert len(before - _tool_workers()) == 1
+    monkeypatch.undo()
+    assert calculator.call({"expression": "4 + 4"}) == "8"
 
 
 def test_tool_workers_answer_concurrent_calls_side_by_side() -> None:
