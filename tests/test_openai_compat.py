@@ -212,6 +212,31 @@ def test_closing_the_stream_early_closes_the_response(scripted):
     assert server.hung_up.wait(10), "the server kept streaming to a closed generator"
 
 
+def test_a_server_that_ignores_max_tokens_is_cut_off(scripted):
+    """Before the fix such a reply was read for as long as the server kept sending."""
+    from fcapp.models.openai_compat import MAX_CHARS_PER_TOKEN
+
+    server = scripted((200, sse(*[delta("word ") for _ in range(20_000)], delta(finish="length")), {}))
+    reply = complete(server.model(), [{"role": "user", "content": "hi"}], None, SamplingParams(max_new_tokens=4))
+    assert reply.text == ("word " * 100)[:4 * MAX_CHARS_PER_TOKEN]
+    assert server.hung_up.wait(10), "the client kept reading"
+
+
+def test_a_reply_that_trickles_past_its_time_limit_is_cut_off(scripted):
+    server = scripted((200, sse(*[delta("x") for _ in range(1_000)], delta(finish="stop")), {}), piece_delay_s=0.05)
+    reply = complete(server.model(max_reply_s=1.0), [{"role": "user", "content": "hi"}])
+    assert 0 < len(reply.text) < 1_000  # the whole reply would take 50 s
+    assert server.hung_up.wait(10), "the client kept reading"
+
+
+def test_a_line_that_never_ends_is_a_malformed_stream(scripted):
+    from fcapp.models.openai_compat import MAX_LINE_CHARS
+
+    server = scripted((200, [b"data: " + b"x" * (MAX_LINE_CHARS + 1)], {}))
+    with pytest.raises(ModelError, match="malformed stream .* a line of more than"):
+        complete(server.model(), [{"role": "user", "content": "hi"}])
+
+
 def test_http_specs_need_a_model_name():
     with pytest.raises(ValueError, match="model name after '#'"):
         get_model("http://127.0.0.1:8000/v1")
