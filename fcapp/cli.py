@@ -18,9 +18,10 @@ def _print(text: str = "", end: str = "\n") -> None:
 
 def _model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
     parser.add_argument(flag, default="smollm2",
-                        help="'smollm2' (embedded), a tuned model name, a local folder, or http://HOST:PORT/v1#MODEL")
+                        help="'smollm2' (embedded), a tuned model name, a local folder, http://HOST:PORT/v1#MODEL, "
+                             "or teacher:NAME (configured in teachers.json in the data folder)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="environment variable holding the API key of an HTTP model")
+                        help="environment variable holding the API key of an http:// model")
 
 
 def _chain_args(parser: argparse.ArgumentParser) -> None:
@@ -237,7 +238,8 @@ def cmd_app(args: argparse.Namespace) -> int:
     from fcapp.ui.app import launch
 
     launch(host=args.host, port=args.port, auth=args.auth, db=args.db,
-           allow_unsandboxed_functions=args.allow_unsandboxed_functions)
+           allow_unsandboxed_functions=args.allow_unsandboxed_functions, teacher_files=args.teachers,
+           teacher_flags=args.teacher)
     return 0
 
 
@@ -328,6 +330,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", help="user:password (required for a non-loopback host)")
     p.add_argument("--db", help="SQLite database path")
+    p.add_argument("--teachers", action="append", default=[], metavar="FILE",
+                   help='HTTP teachers the browser may pick, as {"teachers": [{"name", "url", "model", "key_env"}]} '
+                        "(also read: teachers.json in the data folder)")
+    p.add_argument("--teacher", action="append", default=[], metavar="NAME=URL#MODEL[,KEY_ENV]",
+                   help="one more HTTP teacher; its key (the value of KEY_ENV) is only ever sent to URL")
     p.add_argument("--allow-unsandboxed-functions", action="store_true",
                    help="where the machine has no OS sandbox (bubblewrap namespaces), run user functions "
                         "with resource limits only instead of refusing them")

@@ -251,6 +251,41 @@ def test_the_cli_reports_a_refused_bind_as_a_clear_error(fake_app: list[_FakeDem
     assert fake_app == []
 
 
+def test_the_app_logs_how_user_functions_run(fake_app: list[_FakeDemo], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from fcapp.tools import namespaces
+    from fcapp.ui.app import launch
+
+    with caplog.at_level(logging.INFO, logger="fcapp"):
+        launch(port=1)
+    assert namespaces.status() in caplog.text and fake_app[0].launched
+
+
+def test_the_cli_hands_teachers_and_the_sandbox_opt_in_to_the_app(fake_app: list[_FakeDemo]) -> None:
+    from fcapp.cli import main
+    from fcapp.models import teachers
+    from fcapp.tools import namespaces
+
+    try:
+        assert main(["app", "--teacher", "box=http://gpu-box:8000/v1#llama,BOX_KEY",
+                     "--allow-unsandboxed-functions"]) == 0
+        assert [t.spec for t in teachers.configured()] == ["teacher:box"] and namespaces.refusal() is None
+        assert fake_app[0].launched
+    finally:
+        teachers.configure()
+        namespaces.allow_unsandboxed(False)
+
+
+def test_a_bad_teacher_flag_stops_the_app_before_it_is_built(fake_app: list[_FakeDemo],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from fcapp.cli import main
+
+    assert main(["app", "--teacher", "box=gpu-box"]) == 2
+    assert "error: --teacher 'box=gpu-box': write NAME=URL#MODEL" in capsys.readouterr().err
+    assert fake_app == []
+
+
 # ---- (c) bad files ------------------------------------------------------------------------------
 GSM8K_OK = json.dumps({"question": "Tom has 2 apples and buys 3. How many?", "answer": "2 + 3 = 5\n#### 5"})
 FOLIO_OK = json.dumps({"premises-FOL": ["Cat(tom)", "∀x (Cat(x) → Furry(x))"], "conclusion": "Tom is furry.",

@@ -73,7 +73,8 @@ class OpenAICompatModel:
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._has_key = bool(api_key)
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s))
+        # never follow a redirect: the key in the headers belongs to this URL's host alone
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s), follow_redirects=False)
 
     def close(self) -> None:
         self._client.close()

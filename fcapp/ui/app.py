@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import logging
+from typing import Sequence
 
 import gradio as gr
 
+from fcapp.models import teachers
 from fcapp.paths import data_dir
 from fcapp.serve import is_loopback
 from fcapp.store import Store
@@ -93,13 +95,16 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, db: str | None = None,
-           allow_unsandboxed_functions: bool = False) -> None:
+           allow_unsandboxed_functions: bool = False, teacher_files: Sequence[str] = (),
+           teacher_flags: Sequence[str] = ()) -> None:
     """Serve the app; a non-loopback host needs `auth` ("user:password"). Where the machine has no
-    OS sandbox, user functions are refused unless `allow_unsandboxed_functions`."""
+    OS sandbox, user functions are refused unless `allow_unsandboxed_functions`. The teachers the
+    browser may pick come from `teacher_files` and `teacher_flags` (see fcapp.models.teachers)."""
     credentials = parse_auth(auth)
     if not is_loopback(host) and credentials is None:
         raise ValueError(f"binding to {host} makes the app reachable from other machines: "
                          "pass --auth user:password (or use the default host 127.0.0.1)")
+    teachers.configure(list(teacher_files), list(teacher_flags))
     if allow_unsandboxed_functions:
         namespaces.allow_unsandboxed()
     log = logging.getLogger("fcapp")
