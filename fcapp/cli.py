@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from typing import Callable
 
@@ -354,6 +355,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print("\ninterrupted")
         return 130
+    except sqlite3.DatabaseError as exc:  # damaged after it was opened
+        from fcapp.store import damaged, default_db_path
+
+        sys.stderr.write(f"error: {damaged(getattr(args, 'db', None) or default_db_path(), exc)}\n")
+        return 2
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         sys.stderr.write(f"error: {message}\n")

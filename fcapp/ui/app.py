@@ -67,7 +67,9 @@ def build_app(db: str | None = None) -> gr.Blocks:
     """The whole app over the store at `db` (default: fcapp.db in the data folder)."""
     store = Store(db)
     ctx = common.Context(store)
-    with gr.Blocks(title="fcapp: function calling for small models", analytics_enabled=False) as demo:
+    # what Gradio copies into its temporary folder (uploads, downloads) is deleted after an hour
+    with gr.Blocks(title="fcapp: function calling for small models", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:
         with gr.Row():
             gr.Markdown("## fcapp · function calling for small language models "
                         "([DPO on verified chains](https://arxiv.org/abs/2410.18890))")
