@@ -206,6 +206,7 @@ def type_source(page, source: str) -> None:
 
 
 def test_functions_add_and_try_call(page, app):
+    expect(page.locator("#fn-sandbox")).to_contain_text("User functions run in an OS sandbox")
     note = page.locator("#fn-note")
     type_source(page, "def broken(x):\n    '''Returns x.'''\n    return x\n")
     page.click("#fn-save")
