@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 INSTALLED := .venv/.installed
 
-.PHONY: run test test-slow bench browser
+.PHONY: run test test-slow bench browser sandbox
 
 $(INSTALLED): requirements.txt constraints.txt pyproject.toml
 	python3 -m venv .venv
@@ -21,13 +21,17 @@ $(INSTALLED): requirements.txt constraints.txt pyproject.toml
 browser:
 	@command -v chromium >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null)
 
-run: $(INSTALLED)
+# Debian's bubblewrap: the OS sandbox user functions run in (fcapp/tools/namespaces.py)
+sandbox:
+	@command -v bwrap >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq bubblewrap >/dev/null)
+
+run: $(INSTALLED) sandbox
 	$(PY) app.py
 
-test: $(INSTALLED) browser
+test: $(INSTALLED) browser sandbox
 	$(PY) -m pytest -q
 
-test-slow: $(INSTALLED) browser
+test-slow: $(INSTALLED) browser sandbox
 	$(PY) -m pytest -q --slow
 
 bench: $(INSTALLED)

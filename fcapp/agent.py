@@ -116,6 +116,8 @@ class Agent:
                 step.tool_elapsed_s = time.perf_counter() - began
         except (CallParseError, ToolError) as exc:
             step.error = f"{exc}. {self._format_hint()}" if isinstance(exc, CallParseError) else str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug or a case nobody foresaw still ends as a step, not a crash
+            step.error = f"the call could not be carried out ({type(exc).__name__}: {str(exc)[:300]})"
         return step
 
     def advance(self, chain: Chain, reply: str, prompt_tokens: int = 0, completion_tokens: int = 0,

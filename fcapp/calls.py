@@ -24,6 +24,11 @@ MAX_CANDIDATES = 100
 # Lists / objects inside arguments nest at most this deep (JSON allows ~1000 levels, which chains
 # then cannot be copied or stored with: dataclasses.asdict recurses).
 MAX_NESTING = 20
+# Integers in arguments have at most this many digits. A longer literal is no reasoning step, and
+# past 4,300 digits Python refuses to turn it into text, so the chain could be neither shown nor
+# stored (`0x` + 3,600 hex digits fits in one call and is such a number).
+MAX_INT_DIGITS = 100
+_INT_LIMIT = 10**MAX_INT_DIGITS
 # Lone UTF-16 surrogates, as "\ud800" escapes decode: UTF-8 (and so the store) cannot hold them.
 _SURROGATE = re.compile("[\ud800-\udfff]")
 _NAME_CALL = re.compile(r"\b([A-Za-z_][A-Za-z0-9_]{0,63})\s*\(")
@@ -66,16 +71,20 @@ def _literal(node: ast.AST) -> Any:
     )
 
 
-def _too_deep(value: Any) -> bool:
-    """Whether lists / dicts in `value` nest deeper than MAX_NESTING (checked without recursion)."""
+def _refusal(value: Any) -> str | None:
+    """Why parsed arguments cannot be used (nested deeper than MAX_NESTING, an integer longer than
+    MAX_INT_DIGITS), or None. Checked without recursion."""
     stack = [(value, 1)]
     while stack:
         item, depth = stack.pop()
+        if isinstance(item, int) and not isinstance(item, bool) and abs(item) >= _INT_LIMIT:
+            return (f"a number in the arguments has more than {MAX_INT_DIGITS} digits; "
+                    "write it in quotes as text if you need it")
         if isinstance(item, (list, dict)):
             if depth > MAX_NESTING:
-                return True
+                return "the arguments are nested too deeply"
             stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
-    return False
+    return None
 
 
 def scrub_surrogates(text: str) -> str:
@@ -85,7 +94,7 @@ def scrub_surrogates(text: str) -> str:
 
 def _clean(value: Any) -> Any:
     """`value` with U+FFFD for every lone surrogate in its strings (keys included). Call only on
-    values already checked by _too_deep: it recurses."""
+    values already checked by _refusal: it recurses."""
     if isinstance(value, str):
         return scrub_surrogates(value)
     if isinstance(value, list):
@@ -148,8 +157,9 @@ def _parse_python_call(text: str, start: int, open_paren: int) -> ParsedCall | N
         raise CallParseError(str(exc), end) from None
     except RecursionError:
         raise CallParseError("the call's arguments are nested too deeply", end) from None
-    if _too_deep([positional, arguments]):
-        raise CallParseError("the call's arguments are nested too deeply", end)
+    refusal = _refusal([positional, arguments])
+    if refusal:
+        raise CallParseError(f"{call.func.id}: {refusal}", end)
     return ParsedCall(call.func.id, _clean(arguments), _clean(positional), end)
 
 
@@ -173,8 +183,9 @@ def _parse_json_call(text: str, start: int) -> ParsedCall | None:
             raise CallParseError(f"the arguments of {name} are not valid JSON", end) from None
     if not isinstance(arguments, dict):
         raise CallParseError(f"the arguments of {name} must be an object of named values", end)
-    if _too_deep(arguments):
-        raise CallParseError(f"the arguments of {name} are nested too deeply", end)
+    refusal = _refusal(arguments)
+    if refusal:
+        raise CallParseError(f"{name}: {refusal}", end)
     return ParsedCall(name, _clean(arguments), [], end)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sqlite3
 import sys
 from typing import Callable
 
@@ -21,9 +22,10 @@ def _print(text: str = "", end: str = "\n") -> None:
 
 def _model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
     parser.add_argument(flag, default=EMBEDDED,
-                        help=f"'{EMBEDDED}' (embedded), a tuned model name, a local folder, or http://HOST:PORT/v1#MODEL")
+                        help="'smollm2' (embedded), a tuned model name, a local folder, http://HOST:PORT/v1#MODEL, "
+                             "or teacher:NAME (configured in teachers.json in the data folder)")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
-                        help="environment variable holding the API key of an HTTP model")
+                        help="environment variable holding the API key of an http:// model")
 
 
 def _chain_args(parser: argparse.ArgumentParser) -> None:
@@ -320,7 +322,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_app(args: argparse.Namespace) -> int:
     from fcapp.ui.app import launch
 
-    launch(host=args.host, port=args.port, auth=args.auth, db=args.db)
+    launch(host=args.host, port=args.port, auth=args.auth, db=args.db,
+           allow_unsandboxed_functions=args.allow_unsandboxed_functions, teacher_files=args.teachers,
+           teacher_flags=args.teacher)
     return 0
 
 
@@ -430,6 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--auth", help="user:password (required for a non-loopback host)")
     p.add_argument("--db", help="SQLite database path")
+    p.add_argument("--teachers", action="append", default=[], metavar="FILE",
+                   help='HTTP teachers the browser may pick, as {"teachers": [{"name", "url", "model", "key_env"}]} '
+                        "(also read: teachers.json in the data folder)")
+    p.add_argument("--teacher", action="append", default=[], metavar="NAME=URL#MODEL[,KEY_ENV]",
+                   help="one more HTTP teacher; its key (the value of KEY_ENV) is only ever sent to URL")
+    p.add_argument("--allow-unsandboxed-functions", action="store_true",
+                   help="where the machine has no OS sandbox (bubblewrap namespaces), run user functions "
+                        "with resource limits only instead of refusing them")
     p.set_defaults(func=cmd_app)
     return parser
 
@@ -446,6 +458,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _print("\ninterrupted")
         return 130
+    except sqlite3.DatabaseError as exc:  # damaged after it was opened
+        from fcapp.store import damaged, default_db_path
+
+        sys.stderr.write(f"error: {damaged(getattr(args, 'db', None) or default_db_path(), exc)}\n")
+        return 2
     except (KeyError, ValueError, OSError, RuntimeError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         sys.stderr.write(f"error: {message}\n")

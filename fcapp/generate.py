@@ -135,13 +135,17 @@ def generate(
     else:
         outcomes = _run_jobs(jobs, run, max(1, config.concurrency), stop)
     for job, outcome in outcomes:
+        if not isinstance(outcome, BaseException):
+            try:
+                store.add_chain(outcome, outcome.verdict, key=job.key, sample=job.sample, role="teacher")
+            except Exception as exc:  # noqa: BLE001 - one chain that cannot be stored must not end the run
+                outcome = RuntimeError(f"not stored: {type(exc).__name__}: {exc}")
         if isinstance(outcome, BaseException):
             stats.failed += 1
             stats.errors.append(f"{job.problem.id}#{job.sample}: {outcome}")
             if on_chain:
                 on_chain(stats, None)
             continue
-        store.add_chain(outcome, outcome.verdict, key=job.key, sample=job.sample, role="teacher")
         stats.done += 1
         stats.correct += bool(outcome.verdict)
         if on_chain:

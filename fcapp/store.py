@@ -36,7 +36,16 @@ UNLABELLED = "unlabelled"
 
 
 class StoreError(RuntimeError):
-    """The database cannot be used as is (newer schema, no WAL support, ...), said plainly."""
+    """The database cannot be used as is (damaged, newer schema, no WAL support, ...), said plainly."""
+
+
+def damaged(path: str | Path, exc: sqlite3.DatabaseError) -> StoreError:
+    """The error for a database file SQLite cannot read, with how to recover from it."""
+    return StoreError(
+        f"{path} is damaged or is not an fcapp database (SQLite: {exc}); nothing was changed. To save what it "
+        f"holds, recover it with the sqlite3 tool (sqlite3 {path} .recover | sqlite3 {path}.recovered) and put "
+        f"{path}.recovered in its place; or move the file aside to start with an empty store."
+    )
 
 
 # ---- schema ---------------------------------------------------------------------------------------
@@ -199,7 +208,11 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._reset_connections()
-        apply_migrations(self._conn())
+        try:
+            apply_migrations(self._conn())
+        except sqlite3.DatabaseError as exc:
+            self.close()
+            raise damaged(self.path, exc) from None
 
     # ---- connections and transactions ------------------------------------------------------------
     def _reset_connections(self) -> None:

@@ -26,6 +26,7 @@ from fcapp.files import atomic_write_json
 from fcapp.paths import data_home
 from fcapp.records import FINAL_ANSWER
 from fcapp.tasks.base import Problem, Task
+from fcapp.tools import namespaces
 from fcapp.tools.base import Registry, SchemaError, Tool
 from fcapp.tools.sandbox import define_user_tool
 
@@ -212,14 +213,15 @@ def tools_for(task: Task | str, problem: Problem) -> Registry:
     """The task's built-in tools plus its enabled user functions, with switched-off ones disabled.
 
     A user function whose stored source no longer validates is left out (the Functions view shows
-    why); one named like a built-in is left out (the built-in wins)."""
+    why); one named like a built-in is left out (the built-in wins); all are left out while user
+    functions are refused (no OS sandbox, and the operator did not opt in)."""
     from fcapp.tasks import get_task
 
     task = get_task(task) if isinstance(task, str) else task
     registry = Registry(list(task.tools(problem)))  # a copy: a task may share its toolkit object
     flags = enabled_flags(task)
     taken = set(registry.names()) | {FINAL_ANSWER}
-    for function in list_functions():
+    for function in [] if namespaces.refusal() else list_functions():
         if function.name in taken or not flags.get(function.name, False):
             continue
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from typing import Any, Iterator
 
 import pytest
 
@@ -37,3 +38,20 @@ def small_model():
     from fcapp.models.local import LocalModel
 
     return LocalModel()
+
+
+@pytest.fixture
+def scripted() -> Iterator[Any]:
+    """`scripted(*responses)`: a real HTTP server scripting a teacher's answers (helpers.Scripted),
+    shut down after the test."""
+    from helpers import Scripted
+
+    servers: list[Scripted] = []
+
+    def make(*responses: tuple, **kw: Any) -> Scripted:
+        servers.append(Scripted(*responses, **kw))
+        return servers[-1]
+
+    yield make
+    for server in servers:
+        server.close()

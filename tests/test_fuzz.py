@@ -88,11 +88,17 @@ SYNTAX = ["(", ")", "[", "]", "{", "}", '"', "'", '"""', "\\", "\\u", "<tool_cal
 # ---- the agents and tools under test ----------------------------------------------------------
 PREMISES = ["∀x (Cat(x) → Furry(x))", "Cat(tom)", "¬Happy(anna)", "Owns(anna, tom) ∧ f(tom) = bob",
             "∀x ∃y (Likes(x, y) ∨ x = y)"]
-# In this process (not in tool workers), so that the audit hook sees everything the tool code does;
-# the worker path is tested at the end of the module.
-MATH_AGENT = Agent(Registry([dataclasses.replace(t, isolated=False) for t in math_toolkit()]))
+
+
+def in_process(tools: Registry) -> Registry:
+    """The tools run in this process (not in tool workers), so that the audit hook sees everything
+    their code does; the worker path is tested at the end of the module."""
+    return Registry([dataclasses.replace(t, isolated=False) for t in tools])
+
+
+MATH_AGENT = Agent(in_process(math_toolkit()))
 # A short solver limit keeps every example bounded (the tool's own limit follows from it).
-LOGIC_AGENT = Agent(logic_toolkit(PREMISES, timeout_ms=300))
+LOGIC_AGENT = Agent(in_process(logic_toolkit(PREMISES, timeout_ms=300)))
 AGENTS = {"math": MATH_AGENT, "logic": LOGIC_AGENT}
 TOOL_NAMES = sorted({t.name for agent in AGENTS.values() for t in agent.tools})
 PARAMS = {t.name: list(t.parameters["properties"]) for agent in AGENTS.values() for t in agent.tools}
@@ -239,10 +245,24 @@ json_bombs = st.one_of(
                      '{"name": ["calculator"], "arguments": {}}', '{"name": null}', "[]", "[{}]", '[{"name": 1}]',
                      '{"name": "calculator", "arguments": [1, 2]}', '{"name": "calculator", "arguments": "[1]"}']),
 )
-untrusted = st.one_of(random_text, soup, huge, nested, json_bombs)
+# Number literals of thousands of digits, in every spelling a call allows: past 4,300 decimal digits
+# Python refuses to turn an int into text (a 3,600-digit hex literal is such a number).
+huge_literals = st.builds(
+    lambda name, arg, spell, n: f"{name}({arg}={spell(n)})",
+    st.sampled_from(TOOL_NAMES), st.sampled_from(ARG_NAMES),
+    st.sampled_from([lambda n: "0x" + "f" * n, lambda n: "-0x" + "9" * n, lambda n: "0o" + "7" * n,
+                     lambda n: "9" * n, lambda n: "[" + "9" * n + "]", lambda n: "0b" + "1" * n,
+                     lambda n: "1" + "0" * n + ".5", lambda n: "1" + "_0" * (n // 2)]),
+    st.one_of(st.integers(90, 3_990), st.sampled_from([101, 3_600, 3_990])))
+huge_json_literals = st.builds(
+    lambda name, arg, digits: json.dumps({"name": name, "arguments": {arg: 0}}).replace(": 0}", f": {digits}}}"),
+    st.sampled_from(TOOL_NAMES), st.sampled_from(ARG_NAMES),
+    st.one_of(st.integers(90, 20_000).map(lambda n: "9" * n), st.integers(90, 5_000).map(lambda n: "-1" + "0" * n)))
+untrusted = st.one_of(random_text, soup, huge, nested, json_bombs, huge_literals, huge_json_literals)
 
 # Python literals (rendered with repr: surrogates, NUL, huge numbers, nan / inf become names ...).
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-(10**4100), 10**4100), st.floats(),
+scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(-(10**4100), 10**4100),
+                    st.integers(-(16**3_000), 16**3_000).map(hex), st.floats(),
                     st.text(alphabet=any_char, max_size=40), soup, st.sampled_from(MALICIOUS + UNICODE))
 literals = st.recursive(scalars, lambda inner: st.one_of(
     st.lists(inner, max_size=4), st.tuples(inner, inner), st.sets(st.integers(), max_size=3),
@@ -684,6 +704,21 @@ def test_a_runaway_sympy_call_is_killed_and_the_next_call_is_answered() -> None:
     assert solve.call({"equation": "3*n - 5 = 16"}) == "n = 7"
 
 
+def test_a_tool_worker_grown_past_its_memory_bound_is_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a call leaves resident in a worker (z3 after a hard check, sympy caches) is freed by
+    ending that worker once it is past RECYCLE_RSS_BYTES; the next call gets a fresh one."""
+    from fcapp.tools import worker
+
+    calculator = math_toolkit().get("calculator")
+    assert calculator.call({"expression": "2 + 2"}) == "4"  # a warm worker
+    before = _tool_workers()
+    monkeypatch.setattr(worker, "RECYCLE_RSS_BYTES", 1)  # every worker is past it
+    assert calculator.call({"expression": "3 + 3"}) == "6"
+    assert len(before - _tool_workers()) == 1
+    monkeypatch.undo()
+    assert calculator.call({"expression": "4 + 4"}) == "8"
+
+
 def test_tool_workers_answer_concurrent_calls_side_by_side() -> None:
     calculator = math_toolkit().get("calculator")
     with ThreadPoolExecutor(4) as pool:
@@ -723,6 +758,30 @@ def test_lone_surrogates_in_a_reply_become_replacement_characters() -> None:
     MATH_AGENT.advance(chain, 'final_answer(answer="4\ud800\udfff")')
     assert chain.answer == "4\ufffd\ufffd" and chain.steps[0].text == 'final_answer(answer="4\ufffd\ufffd")'
     json.dumps(chain.to_dict(), ensure_ascii=False).encode("utf-8")
+
+
+@pytest.mark.parametrize("text", [
+    "final_answer(answer=0x" + "f" * 3_330 + ")",  # 4,009 decimal digits; before the fix execute raised
+    "percentage(part=0x" + "f" * 3_600 + ", whole=2)",  # 4,335 digits: a step whose chain could not be stored
+    "calculator(expression=" + "9" * 3_970 + ")",
+    '{"name": "percentage", "arguments": {"part": ' + "9" * 4_000 + ', "whole": 2}}',
+    '{"name": "final_answer", "arguments": {"answer": [-' + "9" * 200 + "]}}",
+], ids=["hex-4009-digits", "hex-in-a-tool-call", "decimal-3970-digits", "json-4000-digits", "json-in-a-list"])
+def test_a_number_literal_of_thousands_of_digits_becomes_an_error_step(text: str) -> None:
+    from fcapp.calls import MAX_INT_DIGITS
+
+    chain = MATH_AGENT.start("fuzz", "p", "question?", "fuzzer")
+    MATH_AGENT.advance(chain, text)
+    (step,) = chain.steps
+    assert step.call is None and f"more than {MAX_INT_DIGITS} digits" in step.error
+    json.dumps(chain.to_dict(), ensure_ascii=False).encode("utf-8")  # the chain can be stored
+
+
+def test_a_number_at_the_digit_limit_is_still_a_number() -> None:
+    from fcapp.calls import MAX_INT_DIGITS
+
+    step = MATH_AGENT.execute(f"final_answer(answer={'9' * MAX_INT_DIGITS})")
+    assert step.error is None and step.result == "Final answer: " + "9" * MAX_INT_DIGITS
 
 
 def test_problem_files_load_or_fail_naming_file_and_line(fuzz, tmp_path: Path) -> None:

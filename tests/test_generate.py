@@ -72,3 +72,57 @@ def test_the_plan_is_deterministic_per_settings(tmp_path):
     c, _ = plan(GenerateConfig("fol", samples=3, limit=4, temperature=0.5), "m", store)
     assert [j.key for j in a] == [j.key for j in b] and len(a) == 12
     assert not {j.key for j in a} & {j.key for j in c}  # other settings, other chains
+
+
+class HugeNumberTeacher:
+    """A teacher whose first reply in every chain carries a literal of thousands of digits (in one
+    of two spellings, by sample), and whose second gives a final answer. The agent seeds step k of
+    sample s with s * 1000 + k."""
+
+    model_id = "huge-numbers"
+    FIRST = ["percentage(part=0x" + "f" * 3_600 + ", whole=2)",  # 4,335 decimal digits
+             '{"name": "percentage", "arguments": {"part": ' + "9" * 4_000 + ', "whole": 2}}']
+
+    def stream(self, messages, tools=None, params=None):
+        from fcapp.models.base import Chunk
+
+        sample, step = divmod(params.seed, 1000)
+        text = 'final_answer(answer="72")' if step else self.FIRST[sample % 2]
+        yield Chunk(text, prompt_tokens=10, completion_tokens=5, finished=True)
+
+
+def test_a_reply_with_a_4000_digit_literal_is_an_error_step_and_the_run_finishes(tmp_path):
+    """Before the fix the 4,000-digit number was a valid argument, and storing the chain with the
+    4,335-digit one raised ValueError (no int-to-text past 4,300 digits), ending the whole run."""
+    store = Store(tmp_path / "huge.db")
+    config = GenerateConfig("gsm8k", samples=2, limit=2, max_steps=3)
+    stats = generate(config, store, HugeNumberTeacher())
+    assert (stats.planned, stats.done, stats.failed) == (4, 4, 0), stats.errors
+    for row in store.list_chains(task="gsm8k", model_id="huge-numbers"):
+        first, second = store.get_chain(row["id"])["record"]["steps"]
+        assert "more than 100 digits" in first["error"] and first["call"] is None
+        assert second["call"]["name"] == "final_answer"
+
+
+class FlakyStore(Store):
+    """A real store whose first chain write fails the way a full disk would."""
+
+    def __init__(self, path) -> None:
+        super().__init__(path)
+        self.refused = 0
+
+    def add_chain(self, chain, verdict, key=None, sample=0, role=None):
+        if role == "teacher" and not self.refused:
+            self.refused += 1
+            import sqlite3
+
+            raise sqlite3.OperationalError("database or disk is full")
+        return super().add_chain(chain, verdict, key, sample, role)
+
+
+def test_a_chain_that_cannot_be_stored_is_counted_as_failed_and_the_run_goes_on(tmp_path):
+    store = FlakyStore(tmp_path / "flaky.db")
+    stats = generate(GenerateConfig("gsm8k", samples=2, limit=1, max_steps=3), store, HugeNumberTeacher())
+    assert (stats.planned, stats.done, stats.failed) == (2, 1, 1)
+    assert "not stored: OperationalError: database or disk is full" in stats.errors[0]
+    assert len(store.list_chains(task="gsm8k", model_id="huge-numbers")) == 1

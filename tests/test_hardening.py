@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import pytest
 
 from fcapp.files import DataFileError
+from fcapp.models.base import ModelError
 from fcapp.paths import data_dir, data_home, models_dir, safe_name
 from fcapp.store import Store
 from fcapp.tools.base import SchemaError
@@ -109,7 +110,29 @@ def test_a_model_name_resolves_inside_the_models_folder_only(home: Path, monkeyp
     assert resolve_model_path("good") == str(models_dir() / "good" / "model")
     planted = {(home / "model").resolve(), (models_dir() / "model").resolve()}
     for spec in ("..", ".", "../model", "./model", "good/../..", "../../model"):
-        assert Path(resolve_model_path(spec)).resolve() not in planted, spec
+        try:
+            assert Path(resolve_model_path(spec)).resolve() not in planted, spec
+        except ModelError as exc:  # a path to no folder at all
+            assert "does not exist" in str(exc)
+
+
+@pytest.mark.parametrize("spec", ["/nonexistent", "/nonexistent/model", "./no-such-folder", "~/no-such-model",
+                                  "models/tuned/missing"])
+def test_a_model_path_that_does_not_exist_says_so(spec: str) -> None:
+    """Before the fix `--base /nonexistent` failed later with a hub error about repo ids."""
+    from fcapp.models.local import resolve_model_path
+
+    with pytest.raises(ModelError, match=f"no model at {re.escape(spec)}: that folder does not exist"):
+        resolve_model_path(spec)
+    assert resolve_model_path("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def test_the_cli_names_a_missing_model_folder(capsys: pytest.CaptureFixture[str]) -> None:
+    from fcapp.cli import main
+
+    assert main(["solve", "--task", "gsm8k", "--problem-id", "0", "--model", "/nonexistent"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: no model at /nonexistent: that folder does not exist") and "Repo id" not in err
 
 
 @pytest.mark.parametrize("upload_name", ["../../etc/passwd", "/abs/path", "a/../../b", "..", ".", "a\x00b",
@@ -197,6 +220,13 @@ def test_the_app_serves_loopback_without_auth(fake_app: list[_FakeDemo], host: s
     assert fake_app[0].launched["server_name"] == host and fake_app[0].launched["auth"] is None
 
 
+def test_the_apps_temporary_files_are_deleted_after_an_hour(tmp_path: Path) -> None:
+    """Before the fix uploads piled up in Gradio's temporary folder for as long as the app ran."""
+    from fcapp.ui.app import build_app
+
+    assert build_app(str(tmp_path / "app.db")).delete_cache == (3600, 3600)
+
+
 def test_the_default_host_is_loopback() -> None:
     import inspect
 
@@ -249,6 +279,41 @@ def test_the_cli_reports_a_refused_bind_as_a_clear_error(fake_app: list[_FakeDem
     assert "error: binding to 0.0.0.0" in capsys.readouterr().err
     assert main(["serve", "--model", "smollm2", "--host", "0.0.0.0"]) == 2
     assert "error: refusing to serve on 0.0.0.0" in capsys.readouterr().err
+    assert fake_app == []
+
+
+def test_the_app_logs_how_user_functions_run(fake_app: list[_FakeDemo], caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    from fcapp.tools import namespaces
+    from fcapp.ui.app import launch
+
+    with caplog.at_level(logging.INFO, logger="fcapp"):
+        launch(port=1)
+    assert namespaces.status() in caplog.text and fake_app[0].launched
+
+
+def test_the_cli_hands_teachers_and_the_sandbox_opt_in_to_the_app(fake_app: list[_FakeDemo]) -> None:
+    from fcapp.cli import main
+    from fcapp.models import teachers
+    from fcapp.tools import namespaces
+
+    try:
+        assert main(["app", "--teacher", "box=http://gpu-box:8000/v1#llama,BOX_KEY",
+                     "--allow-unsandboxed-functions"]) == 0
+        assert [t.spec for t in teachers.configured()] == ["teacher:box"] and namespaces.refusal() is None
+        assert fake_app[0].launched
+    finally:
+        teachers.configure()
+        namespaces.allow_unsandboxed(False)
+
+
+def test_a_bad_teacher_flag_stops_the_app_before_it_is_built(fake_app: list[_FakeDemo],
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from fcapp.cli import main
+
+    assert main(["app", "--teacher", "box=gpu-box"]) == 2
+    assert "error: --teacher 'box=gpu-box': write NAME=URL#MODEL" in capsys.readouterr().err
     assert fake_app == []
 
 

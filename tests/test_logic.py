@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -175,11 +176,13 @@ def test_decide_reports_bad_premises_by_number() -> None:
         decide(["P(a)", "Q(a"], "P(a)")
 
 
+# Hard for z3's quantifier engine: every element has a successor (no finite model to find fast).
+NO_FINITE_MODEL = ["∀x ∃y (Less(x, y))", "∀x ∀y ∀z (Less(x, y) ∧ Less(y, z) → Less(x, z))", "∀x ¬Less(x, x)"]
+
+
 def test_decide_times_out_cleanly() -> None:
-    # Hard for z3's quantifier engine: every element has a successor (no finite model to find fast).
-    premises = ["∀x ∃y (Less(x, y))", "∀x ∀y ∀z (Less(x, y) ∧ Less(y, z) → Less(x, z))", "∀x ¬Less(x, x)"]
     try:
-        verdict = decide(premises, "Big(a)", timeout_ms=200)
+        verdict = decide(NO_FINITE_MODEL, "Big(a)", timeout_ms=200)
     except SolverUndecided as exc:
         assert "could not decide" in str(exc)
     else:
@@ -205,8 +208,36 @@ def test_toolkit_tools_and_results() -> None:
     assert call["check"]({"conclusion": "Cat(rex)"}) == "False"
     assert call["check"]({"conclusion": "exists x (Likes(x, tom) & Furry(tom))"}) == "True"
     assert call["check"]({"conclusion": "Furry(anna)"}) == "Unknown"
-    with pytest.raises(FormulaError, match="position"):
+    with pytest.raises(ToolError, match="position"):
         call["check"]({"conclusion": "Furry(tom"})
+
+
+def _resident_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/statm") as statm:
+        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def _memory_of_this_process_and_its_tool_workers() -> float:
+    children = [int(p) for p in Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").read_text().split()]
+    workers = [pid for pid in children if b"fcapp.tools.worker" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+    return _resident_mb(os.getpid()) + sum(_resident_mb(pid) for pid in workers)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").exists(), reason="reads memory from Linux /proc")
+def test_fifty_undecided_checks_keep_memory_bounded() -> None:
+    """Before the fix each check ran in a new thread with a z3 context of its own, and the app grew
+    ~20 MB a call (224 MB to 1.8 GB after 18 calls at the default limit); it now runs in a tool
+    worker that reuses one context."""
+    check = logic_toolkit(NO_FINITE_MODEL, timeout_ms=300).get("check")
+    for _ in range(2):  # a warm worker: z3 imported, its context made
+        with pytest.raises(ToolError, match="could not decide"):
+            check.call({"conclusion": "Big(a)"})
+    before = _memory_of_this_process_and_its_tool_workers()
+    for _ in range(50):
+        with pytest.raises(ToolError, match="could not decide"):
+            check.call({"conclusion": "Big(a)"})
+    grown = _memory_of_this_process_and_its_tool_workers() - before
+    assert grown < 100, f"{grown:.0f} MB more after 50 undecided checks"
 
 
 def test_toolkit_schemas_do_not_depend_on_the_problem() -> None:

@@ -4,14 +4,12 @@ stdlib server that scripts failures (5xx, 401, 404, malformed SSE, broken stream
 
 from __future__ import annotations
 
-import json
 import socket
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator
+from typing import Iterator
 
 import pytest
+from helpers import GOOD, delta, error, sse
 
 from fcapp.agent import Agent, AgentConfig, demonstration
 from fcapp.models import get_model
@@ -20,83 +18,6 @@ from fcapp.models.openai_compat import OpenAICompatModel
 from fcapp.records import Call
 from fcapp.serve import ServerThread, build_app
 from fcapp.tools.base import Registry, tool_from_function
-
-
-# ---- a scripted stdlib server -----------------------------------------------------------------
-def sse(*events: dict | str, done: bool = True) -> list[bytes]:
-    """SSE body pieces: each event a `data:` line (dicts as JSON), then [DONE]."""
-    pieces = [f"data: {e if isinstance(e, str) else json.dumps(e)}\n\n".encode() for e in events]
-    return pieces + ([b"data: [DONE]\n\n"] if done else [])
-
-
-def delta(text: str | None = None, finish: str | None = None) -> dict:
-    return {"choices": [{"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}]}
-
-
-GOOD = sse(delta("Hel"), delta("lo"), delta(finish="stop"),
-           {"choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 2}})
-
-
-class Scripted:
-    """A real HTTP server answering each POST with the next scripted (status, pieces, headers[, delay_s]),
-    the last one repeating; records every request and whether a client hung up mid-body."""
-
-    def __init__(self, *responses: tuple, piece_delay_s: float = 0.0) -> None:
-        self.responses = list(responses)
-        self.requests: list[dict[str, Any]] = []
-        self.hung_up = threading.Event()
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                outer.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
-                queue = outer.responses
-                status, pieces, headers, *delay = queue.pop(0) if len(queue) > 1 else queue[0]
-                time.sleep(delay[0] if delay else 0)
-                self.send_response(status)
-                for key, value in {"Content-Type": "text/event-stream", **headers}.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                try:
-                    for piece in pieces:
-                        self.wfile.write(piece)
-                        self.wfile.flush()
-                        time.sleep(piece_delay_s)
-                except (BrokenPipeError, ConnectionResetError):
-                    outer.hung_up.set()
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def model(self, **kw: Any) -> OpenAICompatModel:
-        return OpenAICompatModel(self.url, "teacher", **{"backoff_s": 0.01, "timeout_s": 10, **kw})
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def scripted() -> Iterator[Any]:
-    servers: list[Scripted] = []
-
-    def make(*responses: tuple, **kw: Any) -> Scripted:
-        servers.append(Scripted(*responses, **kw))
-        return servers[-1]
-
-    yield make
-    for server in servers:
-        server.close()
-
-
-def error(status: int, message: str, headers: dict[str, str] | None = None) -> tuple[int, list[bytes], dict[str, str]]:
-    body = json.dumps({"error": {"message": message, "type": "x"}}).encode()
-    return status, [body], {"Content-Type": "application/json", **(headers or {})}
 
 
 # ---- protocol and failures --------------------------------------------------------------------
@@ -210,6 +131,31 @@ def test_closing_the_stream_early_closes_the_response(scripted):
     assert next(stream).text == "t0 "
     stream.close()
     assert server.hung_up.wait(10), "the server kept streaming to a closed generator"
+
+
+def test_a_server_that_ignores_max_tokens_is_cut_off(scripted):
+    """Before the fix such a reply was read for as long as the server kept sending."""
+    from fcapp.models.openai_compat import MAX_CHARS_PER_TOKEN
+
+    server = scripted((200, sse(*[delta("word ") for _ in range(20_000)], delta(finish="length")), {}))
+    reply = complete(server.model(), [{"role": "user", "content": "hi"}], None, SamplingParams(max_new_tokens=4))
+    assert reply.text == ("word " * 100)[:4 * MAX_CHARS_PER_TOKEN]
+    assert server.hung_up.wait(10), "the client kept reading"
+
+
+def test_a_reply_that_trickles_past_its_time_limit_is_cut_off(scripted):
+    server = scripted((200, sse(*[delta("x") for _ in range(1_000)], delta(finish="stop")), {}), piece_delay_s=0.05)
+    reply = complete(server.model(max_reply_s=1.0), [{"role": "user", "content": "hi"}])
+    assert 0 < len(reply.text) < 1_000  # the whole reply would take 50 s
+    assert server.hung_up.wait(10), "the client kept reading"
+
+
+def test_a_line_that_never_ends_is_a_malformed_stream(scripted):
+    from fcapp.models.openai_compat import MAX_LINE_CHARS
+
+    server = scripted((200, [b"data: " + b"x" * (MAX_LINE_CHARS + 1)], {}))
+    with pytest.raises(ModelError, match="malformed stream .* a line of more than"):
+        complete(server.model(), [{"role": "user", "content": "hi"}])
 
 
 def test_http_specs_need_a_model_name():

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from fcapp.tools import sandbox
+from fcapp.tools import namespaces, sandbox
 from fcapp.tools.base import SchemaError, Tool, ToolError, tool_from_function
 from fcapp.tools.sandbox import SandboxedFunction, SandboxLimits, define_user_tool, try_call
 
@@ -269,10 +273,11 @@ def test_the_child_does_not_see_the_app_environment(monkeypatch) -> None:
     assert env["HOME"] == env["TMPDIR"]
 
 
-def test_the_child_runs_in_a_fresh_temporary_directory_holding_only_its_source() -> None:
-    cwd, listing = user_tool("    import os\n    open('scratch.txt', 'w').write('x')\n    return [os.getcwd(), os.listdir()]\n").fn()
-    assert sorted(listing) == ["scratch.txt", "user_function.py"]
-    assert cwd != os.getcwd() and not os.path.exists(cwd)  # removed after the call
+def test_the_child_works_in_an_empty_private_tmp_of_its_own_each_call() -> None:
+    tool = user_tool("    import os\n    listing = os.listdir()\n    open('scratch.txt', 'w').write('x')\n"
+                     "    return [os.getcwd(), listing]\n")
+    assert tool.fn() == ["/tmp", ["user_function.py"]]
+    assert tool.fn() == ["/tmp", ["user_function.py"]]  # the last call's scratch file is gone
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc")
@@ -305,25 +310,6 @@ def _fd_target(fd: str) -> str | None:
         return None
 
 
-def test_leftover_grandchildren_are_killed(double) -> None:
-    body = "    import os, time\n    pid = os.fork()\n    if pid == 0:\n        time.sleep(60)\n    return pid\n"
-    grandchild = user_tool(body).fn()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and _alive(grandchild):
-        time.sleep(0.05)
-    assert not _alive(grandchild)
-    assert_still_works(double)
-
-
-def _alive(pid: int) -> bool:
-    """Running, not merely a zombie waiting for init to reap it."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (FileNotFoundError, ProcessLookupError):
-        return False
-    return state != "Z"
-
-
 def test_concurrent_calls_are_independent(double) -> None:
     results: list[str] = []
     threads = [threading.Thread(target=lambda i=i: results.append(double.call({"x": i}))) for i in range(4)]
@@ -341,3 +327,223 @@ def test_try_call_reports_success_and_failure(double) -> None:
     assert not ok and "argument x must be" in text
     ok, text, _ = try_call(user_tool("    return 1 / 0\n"), {})
     assert not ok and text.startswith("f raised ZeroDivisionError")
+
+
+# --- the OS sandbox: what a hostile function tried, and failed to do ------------------------------
+# Each attack below worked before the sandbox had namespaces (issue #13). The "app" is a real process
+# of its own where the attack aims at the app itself (its environment, its life).
+REPO = Path(__file__).resolve().parents[1]
+CANARY = "sk-canary-7f3a9c"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def os_sandbox() -> None:
+    """These tests are the sandbox's specification: without namespaces they fail, they do not skip."""
+    reason = namespaces.unavailable()
+    assert reason is None, f"no OS sandbox on this machine: {reason} (`make test` installs bubblewrap)"
+
+
+def run_in_an_app(body: str, arguments: dict, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """A separate app process that calls f from `body` with `arguments` in the sandbox; it prints the
+    call's result (or its error) as JSON, then 'app alive'."""
+    source = 'def f(**kw):\n    """Try."""\n' + body
+    script = (
+        "import json\n"
+        "from fcapp.tools.base import ToolError\n"
+        "from fcapp.tools.sandbox import SandboxedFunction\n"
+        "try:\n"
+        f"    print(json.dumps(SandboxedFunction({source!r}, 'f')(**{arguments!r})))\n"
+        "except ToolError as exc:\n"
+        "    print(json.dumps('error: ' + str(exc)))\n"
+        "print('app alive')\n"
+    )
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO,
+                          env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+
+
+def run(body: str, **arguments) -> object:
+    """f(**arguments) in the sandbox, from this process."""
+    source = 'def f(**kw):\n    """Try."""\n' + body
+    return SandboxedFunction(source, "f", LIMITS)(**arguments)
+
+
+READ_ENVIRONS = """\
+    import os
+    found = {}
+    for pid in {kw['app'], os.getppid(), 1, *[int(p) for p in os.listdir('/proc') if p.isdigit()]}:
+        try:
+            found[pid] = open(f'/proc/{pid}/environ', 'rb').read().decode(errors='replace')
+        except OSError as exc:
+            found[pid] = type(exc).__name__
+    return {'found': found, 'mine': dict(os.environ)}
+"""
+
+
+def test_a_user_function_cannot_read_the_apps_environment() -> None:
+    """Before: /proc/<parent>/environ held the app's OPENAI_API_KEY."""
+    app = run_in_an_app("    import os\n    return os.getpid()\n", {})
+    reply = run_in_an_app(READ_ENVIRONS.replace("kw['app']", "os.getppid()"), {}, {"OPENAI_API_KEY": CANARY})
+    assert reply.returncode == 0, reply.stderr
+    assert CANARY not in reply.stdout and "app alive" in reply.stdout
+    assert json.loads(app.stdout.splitlines()[0]) != os.getpid()
+    seen = run(READ_ENVIRONS, app=os.getpid())
+    assert str(os.getpid()) not in seen["found"] or seen["found"][str(os.getpid())] == "FileNotFoundError"
+    assert CANARY not in json.dumps(seen)
+
+
+def test_a_user_function_cannot_open_the_store(tmp_path: Path) -> None:
+    """Before: the function opened the app's SQLite file by its path and could read or change it."""
+    from helpers import correct_chain
+
+    from fcapp.store import Store
+
+    db = tmp_path / "app.db"
+    with Store(db) as store:
+        store.add_chain(correct_chain("gsm8k", "gsm8k-0"), True, role="reference")
+        before = store.counts()
+    body = ("    import os, sqlite3\n    tried = {}\n    for how in ('read', 'write', 'sqlite', 'remove'):\n"
+            "        try:\n"
+            "            if how == 'read': tried[how] = len(open(kw['db'], 'rb').read())\n"
+            "            if how == 'write': open(kw['db'], 'ab').write(b'x' * 4096); tried[how] = 'wrote'\n"
+            "            if how == 'sqlite': tried[how] = sqlite3.connect(f\"file:{kw['db']}?mode=rw\", uri=True)"
+            ".execute('delete from chains').rowcount\n"
+            "            if how == 'remove': os.remove(kw['db']); tried[how] = 'removed'\n"
+            "        except Exception as exc:\n"
+            "            tried[how] = type(exc).__name__\n"
+            "    return [tried, os.path.exists(kw['db']), os.path.exists(os.path.dirname(kw['db']))]\n")
+    tried, exists, folder = run(body, db=str(db))
+    assert (exists, folder) == (False, False), tried
+    assert set(tried.values()) <= {"FileNotFoundError", "OperationalError"}, tried
+    with Store(db) as store:
+        assert store.check() == "ok" and store.counts() == before
+
+
+def test_a_user_function_cannot_reach_the_apps_loopback() -> None:
+    """Before: the function could call any service on 127.0.0.1 (fcapp serve, the app itself)."""
+    import http.server
+
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            hits.append(self.path)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    body = ("    import socket\n    try:\n"
+            "        with socket.create_connection(('127.0.0.1', kw['port']), timeout=3) as s:\n"
+            "            s.sendall(b'GET /from-the-sandbox HTTP/1.0\\r\\n\\r\\n')\n"
+            "            return 'connected: ' + s.recv(100).decode()\n"
+            "    except OSError as exc:\n"
+            "        return type(exc).__name__\n")
+    try:
+        outcome = run(body, port=server.server_address[1])
+    finally:
+        server.shutdown()
+    assert outcome == "ConnectionRefusedError" and hits == []
+
+
+LEAVE_A_PROCESS = """\
+    import os, sys, time
+    if os.fork() == 0:
+        os.setsid()  # out of the process group the app kills
+        os.execv(sys.executable, [sys.executable, '-c', 'import time; time.sleep(60)', kw['marker']])
+    time.sleep(0.5)
+    return 'forked'
+"""
+
+
+def test_a_user_function_leaves_no_process_behind() -> None:
+    """Before: a fork + setsid child outlived the process-group kill."""
+    marker = f"fcapp-left-behind-{os.getpid()}-{time.monotonic_ns()}"
+    assert run(LEAVE_A_PROCESS, marker=marker) == "forked"
+    deadline = time.monotonic() + 10
+    while (left := _processes_with(marker)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in left:  # never leave one running, whatever the outcome
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+
+
+def _processes_with(marker: str) -> list[int]:
+    """Running processes (not zombies) whose command line holds `marker`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            running = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+            if running and marker.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def test_the_app_survives_a_user_functions_attempt_to_kill_it() -> None:
+    """Before: os.kill(os.getppid(), 9) killed the app."""
+    body = ("    import os, signal\n    tried = []\n"
+            "    for target in (os.getppid(), kw['app'], 1, -1):\n"
+            "        try:\n            os.kill(target, signal.SIGKILL)\n            tried.append('sent')\n"
+            "        except OSError as exc:\n            tried.append(type(exc).__name__)\n"
+            "    return tried\n")
+    app = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        reply = run_in_an_app(body.replace("kw['app']", "os.getpid()"), {})  # the app calling f aims at itself
+        assert reply.returncode == 0 and reply.stdout.rstrip().endswith("app alive"), (reply.returncode, reply.stderr)
+        run(body, app=app.pid)  # and at another process of the app's user
+        assert app.poll() is None
+    finally:
+        app.kill()
+        app.wait()
+
+
+def test_a_fork_bomb_stops_at_the_process_limit() -> None:
+    body = ("    import os, time\n    started = 0\n    while started < 200:\n        try:\n"
+            "            pid = os.fork()\n        except OSError:\n            break\n"
+            "        if pid == 0:\n            time.sleep(30)\n            os._exit(0)\n"
+            "        started += 1\n    return started\n")
+    started = run(body)
+    assert 0 < started < LIMITS.processes
+
+
+def test_the_sandbox_shows_the_interpreter_read_only_and_nothing_of_the_app(tmp_path: Path) -> None:
+    from fcapp.paths import data_home
+
+    body = ("    import math, os\n    try:\n        open(kw['plant'], 'w')\n        wrote = True\n"
+            "    except OSError:\n        wrote = False\n"
+            "    return {'wrote': wrote, 'uid': os.getuid(), 'visible': [p for p in kw['paths'] if os.path.exists(p)],"
+            " 'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), 'pi': math.pi}\n")
+    home = [str(p) for p in Path.home().iterdir() if not sys.base_prefix.startswith(str(p))]  # but the interpreter
+    paths = [str(REPO), str(data_home()), str(tmp_path), *home, "/etc/passwd", "/etc/hostname", "/var", "/home",
+             "/bin/sh", "/usr/bin"]
+    plant = Path(sys.prefix, f"planted-by-test-{os.getpid()}")
+    try:
+        seen = run(body, paths=paths, plant=str(plant))
+        assert not plant.exists()
+    finally:
+        plant.unlink(missing_ok=True)
+    assert seen["visible"] == [] and seen["wrote"] is False and seen["pi"] > 3
+    assert seen["uid"] != 0 and len(seen["pids"]) <= 3  # bubblewrap's init, the worker (and its listing)
+
+
+def test_without_namespaces_user_functions_are_refused_unless_the_operator_opts_in(monkeypatch) -> None:
+    namespaces.unavailable.cache_clear()
+    try:
+        monkeypatch.setenv("PATH", "/nonexistent")  # as on a machine without bubblewrap
+        assert namespaces.unavailable() == "bubblewrap is not installed (apt-get install bubblewrap)"
+        assert "user functions are refused" in namespaces.status()
+        with pytest.raises(ToolError, match="f: user functions are switched off: bubblewrap is not installed.*"
+                                            "--allow-unsandboxed-functions"):
+            run("    return 1\n")
+        namespaces.allow_unsandboxed()
+        assert "resource limits only" in namespaces.status()
+        assert run("    import os\n    return os.getcwd().startswith('/tmp/fcapp-sandbox-')\n") is True
+    finally:
+        monkeypatch.undo()
+        namespaces.allow_unsandboxed(False)
+        namespaces.unavailable.cache_clear()
+    assert namespaces.unavailable() is None and "OS sandbox" in namespaces.status()

@@ -250,6 +250,33 @@ def test_refuses_a_newer_schema(tmp_path: Path) -> None:
         Store(path)
 
 
+@pytest.mark.parametrize("content", [b"not a database at all\n" * 200, b"SQLite format 3\x00" + b"\xff" * 4000],
+                         ids=["garbage", "damaged-header"])
+def test_a_damaged_file_is_refused_with_how_to_recover_and_left_as_it_was(tmp_path: Path, content: bytes) -> None:
+    """Before the fix this was a raw sqlite3 traceback."""
+    path = tmp_path / "broken.db"
+    path.write_bytes(content)
+    with pytest.raises(StoreError, match=r"broken.db is damaged or is not an fcapp database .*nothing was changed.*"
+                                         r"\.recover.*move the file aside"):
+        Store(path)
+    assert path.read_bytes() == content and sorted(p.name for p in tmp_path.iterdir()) == ["broken.db"]
+
+
+def test_the_cli_reports_a_database_damaged_after_opening_with_how_to_recover(tmp_path: Path, capsys) -> None:
+    """A file whose header is intact but whose pages are gone opens, then fails on the first read."""
+    from fcapp.cli import main
+
+    path = tmp_path / "cut.db"
+    with Store(path) as store:
+        for seed in range(200):
+            store.add_chain(make_chain(seed=seed), verdict=True)
+    with open(path, "r+b") as handle:
+        handle.truncate(path.stat().st_size // 3)
+    code = main(["pairs", "--task", "demo", "--out", str(tmp_path / "pairs.jsonl"), "--db", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith(f"error: {path} is damaged") and ".recover" in err and "Traceback" not in err
+
+
 def test_threads_share_a_store(store: Store) -> None:
     chain_id = store.add_chain(make_chain(), verdict=True)
 

@@ -206,6 +206,7 @@ def type_source(page, source: str) -> None:
 
 
 def test_functions_add_and_try_call(page, app):
+    expect(page.locator("#fn-sandbox")).to_contain_text("User functions run in an OS sandbox")
     note = page.locator("#fn-note")
     type_source(page, "def broken(x):\n    '''Returns x.'''\n    return x\n")
     page.click("#fn-save")
@@ -252,6 +253,7 @@ def test_solve_streams_a_chain_with_a_call_and_a_verdict(page):
     page.locator("[role=option]", has_text=f"{SOLVE_PROBLEM} ·").first.click()
     expect(page.locator("#solve-problem-text")).to_contain_text(f"{SOLVE_PROBLEM} (train)")
     page.get_by_text("Sampling settings").click()
+    expect(page.locator("#tab-solve").get_by_text("environment variable")).to_have_count(0)  # keys: operator only
     set_number(page, "solve-max-steps", "3")
     set_number(page, "solve-max-new", "48")
     page.click("#solve-run")

@@ -7,9 +7,11 @@ Spec syntax:
   `fcapp.models.local.load_model`.
 - HTTP: `http[s]://HOST[:PORT]/PATH#MODEL`, the base URL of an OpenAI-compatible API (the part
   before `/chat/completions`, usually ending in /v1) and the model name after `#`, e.g.
-  `http://127.0.0.1:8000/v1#smollm2` or `https://api.openai.com/v1#gpt-4o-mini`. The API key is
-  read from the environment variable named by `api_key_env` (OPENAI_API_KEY by default; a key is
-  never put in the spec, so it stays out of logs and shell history).
+  `http://127.0.0.1:8000/v1#smollm2` or `https://api.openai.com/v1#gpt-4o-mini`. It is called
+  without a key unless `api_key_env` names the environment variable holding one (the CLI's
+  --api-key-env; a key is never put in the spec, so it stays out of logs and shell history).
+- a configured teacher: `teacher:NAME` (see fcapp.models.teachers), with the URL, model and key
+  variable the operator configured for it. This is how the app reaches a teacher that needs a key.
 
 Backends are imported on demand: an HTTP teacher never loads torch.
 """
@@ -18,11 +20,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from fcapp.models import teachers
 from fcapp.models.base import ChatModel
 
 
-def get_model(spec: str | None, api_key_env: str | None = "OPENAI_API_KEY", **kw: Any) -> ChatModel:
+def get_model(spec: str | None, api_key_env: str | None = None, **kw: Any) -> ChatModel:
     """Build the model a spec names; `kw` go to OpenAICompatModel or load_model respectively."""
+    if spec and spec.startswith(teachers.PREFIX):
+        from fcapp.models.openai_compat import OpenAICompatModel
+
+        teacher = teachers.get_teacher(spec)
+        return OpenAICompatModel(teacher.url, teacher.model, api_key_env=teacher.key_env, **kw)
     if spec and spec.startswith(("http://", "https://")):
         from fcapp.models.openai_compat import OpenAICompatModel
 

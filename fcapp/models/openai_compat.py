@@ -15,6 +15,9 @@ Conventions, chosen so chains stay comparable with local ones:
   sends none leaves them None: nothing is guessed.
 - Connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter, but
   only before any text has been streamed, so text is never duplicated.
+- A server is not trusted to stop: a reply ends after MAX_CHARS_PER_TOKEN characters per token of
+  `max_tokens`, or `max_reply_s` seconds, whichever comes first (the reply is cut there, as a
+  length stop would cut it); an SSE line longer than MAX_LINE_CHARS is a malformed stream.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ from fcapp.models.base import Chunk, Message, ModelError, SamplingParams
 TOOL_RESULT_PREFIX = "Result: "
 MAX_BACKOFF_S = 8.0
 MAX_RETRY_AFTER_S = 30.0
+MAX_CHARS_PER_TOKEN = 32  # far above any tokenizer's average: only a server ignoring max_tokens reaches it
+MAX_LINE_CHARS = 1 << 20
 
 
 class _Retryable(Exception):
@@ -47,9 +52,10 @@ class OpenAICompatModel:
 
     def __init__(self, base_url: str, model: str, api_key: str | None = None, api_key_env: str | None = None,
                  timeout_s: float = 60.0, max_retries: int = 3, tool_role: str = "user",
-                 backoff_s: float = 0.5) -> None:
+                 backoff_s: float = 0.5, max_reply_s: float = 300.0) -> None:
         """`api_key`, else the value of the environment variable named `api_key_env` (if set);
-        `max_retries`: extra attempts after the first; `backoff_s`: the first retry's mean delay."""
+        `timeout_s`: the longest wait for any one read; `max_reply_s`: the longest one reply may
+        stream; `max_retries`: extra attempts after the first; `backoff_s`: the first retry's mean delay."""
         if tool_role not in ("user", "tool"):
             raise ValueError(f"tool_role must be 'user' or 'tool', not {tool_role!r}")
         self.base_url = base_url.rstrip("/")
@@ -62,11 +68,13 @@ class OpenAICompatModel:
         self.tool_role = tool_role
         self.backoff_s = backoff_s
         self.timeout_s = timeout_s
+        self.max_reply_s = max_reply_s
         headers = {"Accept": "text/event-stream"}
         if api_key:
             headers["Authorization"] = f"Bearer {api_key}"
         self._has_key = bool(api_key)
-        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s))
+        # never follow a redirect: the key in the headers belongs to this URL's host alone
+        self._client = httpx.Client(headers=headers, timeout=httpx.Timeout(timeout_s), follow_redirects=False)
 
     def close(self) -> None:
         self._client.close()
@@ -102,14 +110,15 @@ class OpenAICompatModel:
     def stream(self, messages: list[Message], tools: list[dict] | None = None,
                params: SamplingParams | None = None) -> Iterator[Chunk]:
         """Stream the reply; closing the iterator closes the HTTP response (the server stops)."""
-        body = self.request_body(messages, params or SamplingParams())
+        params = params or SamplingParams()
+        body = self.request_body(messages, params)
         attempts = self.max_retries + 1
         for attempt in range(attempts):
             streamed = False
             try:
                 with self._client.stream("POST", self.url, json=body) as response:
                     self._check_status(response)
-                    for chunk in self._parse(response):
+                    for chunk in self._parse(response, MAX_CHARS_PER_TOKEN * max(1, params.max_new_tokens)):
                         streamed = streamed or bool(chunk.text)
                         yield chunk
                     return
@@ -157,11 +166,16 @@ class OpenAICompatModel:
             raise _Retryable(f"HTTP {status}: {detail}", _retry_after(response))
         raise ModelError(f"{self.url} rejected the request (HTTP {status}: {detail})")
 
-    def _parse(self, response: httpx.Response) -> Iterator[Chunk]:
-        """Turn SSE lines into Chunks; the finished chunk carries the final usage counts."""
+    def _parse(self, response: httpx.Response, max_chars: int) -> Iterator[Chunk]:
+        """Turn SSE lines into Chunks, the reply cut after `max_chars` characters or `max_reply_s`
+        seconds; the finished chunk carries the final usage counts."""
         prompt_tokens = completion_tokens = None
         finish_reason = None
-        for line in response.iter_lines():
+        left = max_chars
+        for line in self._lines(response, time.monotonic() + self.max_reply_s):
+            if line is None or left <= 0:  # the time or the length is up: the reply ends here
+                yield Chunk(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, finished=True)
+                return
             if not line or line.startswith(":") or line.startswith(("event:", "id:", "retry:")):
                 continue
             if not line.startswith("data:"):
@@ -185,13 +199,29 @@ class OpenAICompatModel:
             for choice in event.get("choices") or []:
                 if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                     continue
-                text = (choice.get("delta") or {}).get("content")
+                text = str((choice.get("delta") or {}).get("content") or "")[:left]
                 if text:
-                    yield Chunk(str(text), prompt_tokens, completion_tokens)
+                    left -= len(text)
+                    yield Chunk(text, prompt_tokens, completion_tokens)
                 finish_reason = choice.get("finish_reason") or finish_reason
         if finish_reason is None:
             raise _Retryable("the stream ended before [DONE]")
         yield Chunk(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens, finished=True)
+
+    def _lines(self, response: httpx.Response, deadline: float) -> Iterator[str | None]:
+        """The stream's lines (without their line ending), then None if `deadline` passes first.
+        Checked at every read, so a server trickling bytes without a line break is cut off too."""
+        pending = ""
+        for text in response.iter_text():
+            if time.monotonic() > deadline:
+                yield None
+                return
+            *lines, pending = (pending + text).split("\n")
+            yield from (line.removesuffix("\r") for line in lines)
+            if len(pending) > MAX_LINE_CHARS:
+                raise ModelError(f"malformed stream from {self.url}: a line of more than {MAX_LINE_CHARS} characters")
+        if pending:
+            yield pending.removesuffix("\r")
 
 
 def _retry_after(response: httpx.Response) -> float | None:

@@ -107,6 +107,9 @@ def resolve_model_path(spec: str | None) -> str:
         return str(tuned)
     if Path(spec).expanduser().exists():
         return str(Path(spec).expanduser())
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:  # a path, and no hub id (org/name)
+        raise ModelError(f"no model at {spec}: that folder does not exist (a model is 'smollm2', a tuned model's "
+                         "name, an existing folder, or a hub id such as org/name)")
     return spec
 
 

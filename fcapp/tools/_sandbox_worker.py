@@ -1,9 +1,10 @@
 """Child-process entry point of the sandbox (see fcapp/tools/sandbox.py for the whole picture).
 
 Run as a script with `python -I` (stdlib only, nothing from fcapp, so startup stays ~20 ms). Reads one
-JSON request from stdin: {"source", "function", "arguments", "cpu_s", "memory_bytes", "file_bytes"}.
-Sets its own resource limits first (doing it here rather than in a `preexec_fn` keeps the parent
-fork-safe when it has threads), then runs the user's function. Fd 1 is re-pointed at the output pipe
+JSON request from stdin: {"source", "function", "arguments", "cpu_s", "memory_bytes", "file_bytes",
+"processes", "drop_to"}. First switches to the unprivileged uid/gid `drop_to` when given (a root
+app's sandbox), then sets its own resource limits (doing it here rather than in a `preexec_fn`
+keeps the parent fork-safe when it has threads), then runs the user's function. Fd 1 is re-pointed at the output pipe
 (fd 2) so that user prints cannot corrupt the reply; the one JSON reply line goes to a private copy
 of the original fd 1:
     {"ok": true, "value": ...}   or   {"ok": false, "type": "...", "message": "...", "line": N|null}
@@ -65,8 +66,18 @@ def _run(request: dict) -> bytes:
     return text.encode("utf-8", "replace") + b"\n"
 
 
+def _drop_privileges(uid: int, gid: int) -> None:
+    """Become `uid` for good: no supplementary groups, and (leaving uid 0) no capabilities."""
+    os.setgroups([])
+    os.setgid(gid)
+    os.setuid(uid)
+
+
 def main() -> None:
     request = json.loads(sys.stdin.buffer.read())
+    if request["drop_to"]:
+        _drop_privileges(*request["drop_to"])
+    _set_limit(resource.RLIMIT_NPROC, request["processes"], request["processes"])
     _set_limit(resource.RLIMIT_CPU, request["cpu_s"], request["cpu_s"] + 1)
     _set_limit(resource.RLIMIT_AS, request["memory_bytes"], request["memory_bytes"])
     _set_limit(resource.RLIMIT_FSIZE, request["file_bytes"], request["file_bytes"])

@@ -11,6 +11,7 @@ body starts with "(" scopes over that parenthesised group; otherwise as far righ
 
 from __future__ import annotations
 
+import functools
 import re
 import threading
 from dataclasses import dataclass
@@ -343,10 +344,10 @@ def to_text(formula: Formula) -> str:
 
 
 class _Z3:
-    """Translation into one private z3 context (private so that concurrent calls never share state)."""
+    """One translation into a z3 context (a thread's own: concurrent calls never share state)."""
 
-    def __init__(self) -> None:
-        self.ctx = z3.Context()
+    def __init__(self, ctx: z3.Context) -> None:
+        self.ctx = ctx
         self.sort = z3.DeclareSort("Entity", self.ctx)
         self.decls: dict[tuple[str, str, int], z3.FuncDeclRef] = {}
 
@@ -387,10 +388,13 @@ _LOCAL = threading.local()
 
 
 def _translator() -> _Z3:
-    """This thread's z3 context (creating one costs ~10 ms; z3 contexts must not be shared across threads)."""
-    if not hasattr(_LOCAL, "z3"):
-        _LOCAL.z3 = _Z3()
-    return _LOCAL.z3
+    """A fresh translation into this thread's z3 context. z3 contexts must not be shared across
+    threads, and each one costs ~10 ms and tens of MB after a hard check, so a thread keeps its
+    own for good: a tool worker (one thread, see `logic_toolkit`) holds one however many calls it
+    answers, where a context per call thread grew the app by ~20 MB a call."""
+    if not hasattr(_LOCAL, "ctx"):
+        _LOCAL.ctx = z3.Context()
+    return _Z3(_LOCAL.ctx)
 
 
 def _parse_all(formulas: list[str], what: str) -> list[Formula]:
@@ -486,12 +490,15 @@ def logic_toolkit(premises: list[str], timeout_ms: int = DEFAULT_TIMEOUT_MS) -> 
             conclusion: a first-order logic formula, e.g. Furry(tom) or ∀x (Cat(x) → Furry(x));
                 ASCII forall, exists, ~, &, |, ->, <-> also work
         """
-        return decide_parsed(parsed, parse(conclusion), timeout_ms)
+        raise AssertionError("only the schema of check is used; decide() runs in a tool worker")
 
+    # z3 runs in a tool worker: its memory is capped there, and its one context is reused call after call
+    checker = tool_from_function(check, examples=[{"conclusion": "Furry(tom)"}, {"conclusion": "¬Happy(anna)"}],
+                                 timeout_s=3 * timeout_ms / 1000 + 1, isolated=True)
+    checker.fn = functools.partial(decide, premises=list(premises), timeout_ms=timeout_ms)
     return Registry([
         tool_from_function(list_premises, examples=[{}]),
         tool_from_function(symbols, examples=[{}]),
         tool_from_function(facts_about, examples=[{"entity": "tom"}]),
-        tool_from_function(check, examples=[{"conclusion": "Furry(tom)"}, {"conclusion": "¬Happy(anna)"}],
-                           timeout_s=3 * timeout_ms / 1000 + 1),
+        checker,
     ])

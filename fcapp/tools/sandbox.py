@@ -2,26 +2,23 @@
 
 `define_user_tool(source)` never executes the source in the app process: it parses and compiles it,
 reads the schema from the function's annotations and docstring in the syntax tree, and checks the
-examples against that schema. Each call then starts `python -I _sandbox_worker.py` with
+examples against that schema. Each call then starts `python -I _sandbox_worker.py`
 
-- a CPU-time limit (RLIMIT_CPU), an address-space limit (RLIMIT_AS), a file-size limit (RLIMIT_FSIZE)
-  and no core dumps,
-- a wall-time limit: the whole process group is killed when it runs out,
-- no inherited file descriptors besides its three pipes (so no handle on the app's SQLite database,
-  sockets or logs), a scrubbed environment (no app secrets or tokens) and an empty temporary
-  directory as its working directory, removed afterwards,
-- capped output: prints beyond `output_bytes` or a reply beyond `result_bytes` kill the child, so
+- inside the OS sandbox of fcapp.tools.namespaces (bubblewrap: own PID, network and mount
+  namespaces, a read-only view of the interpreter and libraries, an empty private /tmp as its
+  working folder, no network, an unprivileged uid, nothing of the app's files or environment),
+- with a CPU-time limit (RLIMIT_CPU), an address-space limit (RLIMIT_AS), a file-size limit
+  (RLIMIT_FSIZE), a process limit (RLIMIT_NPROC) and no core dumps,
+- under a wall-time limit: the sandbox is killed when it runs out, and every process in it with it,
+- with no inherited file descriptors besides its three pipes and a scrubbed environment,
+- with capped output: prints beyond `output_bytes` or a reply beyond `result_bytes` kill the child, so
   a runaway print cannot fill the app's memory.
 
 Every failure (exception, crash, exit, limit) becomes a ToolError naming the cause and the user's
-line, and the app process is unaffected.
-
-THIS IS A RESOURCE AND CRASH SANDBOX, NOT A SECURITY BOUNDARY. The child runs as the same OS user as
-the app: it can read (and write) every file that user can, open network connections, start
-processes that leave its process group, and find the database by its path. It protects the app
-from mistakes (endless loops, memory bombs, segfaults, huge prints, sys.exit), not from hostile
-code. To run code from people you do not trust, run the app (or this worker) in a container or
-VM with no secrets and no network. POSIX only (resource limits, process groups).
+line, and the app process is unaffected. Where the machine has no namespaces, calls are refused
+unless the operator opted in; then the child runs with the limits above but outside any sandbox
+(as the app's user, in a temporary folder): that protects the app from mistakes, not from hostile
+code. POSIX only (resource limits, process groups).
 """
 
 from __future__ import annotations
@@ -39,13 +36,13 @@ import sys
 import tempfile
 import time
 import typing
+from contextlib import nullcontext
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from fcapp.tools import namespaces
 from fcapp.tools.base import SchemaError, Tool, ToolError, tool_from_function
 
-_WORKER = str(Path(__file__).with_name("_sandbox_worker.py"))
 _USER_FILE = "user_function.py"  # the file the worker writes the source to, in its own temp folder
 MAX_SOURCE_CHARS = 100_000
 # Added to the wall limit for Tool.timeout_s, so the sandbox's own, clearer message wins the race.
@@ -68,12 +65,14 @@ class SandboxLimits:
     memory_bytes: int = 512 * 2**20  # address space; imports such as numpy fit comfortably
     output_bytes: int = 64 * 1024  # what the function prints (stdout + stderr)
     result_bytes: int = 64 * 1024  # the JSON-encoded return value
-    file_bytes: int = 16 * 2**20  # largest file it may write (in its temporary directory)
+    file_bytes: int = 16 * 2**20  # largest file it may write; in the OS sandbox, all its files together
+    processes: int = 16  # RLIMIT_NPROC: processes and threads of the sandbox's user
 
     def __post_init__(self) -> None:
         if not isinstance(self.cpu_s, int) or self.cpu_s < 1:
             raise ValueError("cpu_s must be a whole number of seconds >= 1")
-        if min(self.wall_s, self.memory_bytes, self.output_bytes, self.result_bytes, self.file_bytes) <= 0:
+        if min(self.wall_s, self.memory_bytes, self.output_bytes, self.result_bytes, self.file_bytes,
+               self.processes) <= 0:
             raise ValueError("sandbox limits must be positive")
 
 
@@ -86,6 +85,10 @@ class SandboxedFunction:
     limits: SandboxLimits = SandboxLimits()
 
     def __call__(self, **arguments: Any) -> Any:
+        refusal = namespaces.refusal()
+        if refusal:
+            raise ToolError(f"{self.function}: {refusal}")
+        sandboxed = namespaces.unavailable() is None
         request = {
             "source": self.source,
             "function": self.function,
@@ -93,19 +96,20 @@ class SandboxedFunction:
             "cpu_s": self.limits.cpu_s,
             "memory_bytes": self.limits.memory_bytes,
             "file_bytes": self.limits.file_bytes,
+            "processes": self.limits.processes,
+            "drop_to": namespaces.drop_to() if sandboxed else None,
         }
-        with tempfile.TemporaryDirectory(prefix="fcapp-sandbox-", ignore_cleanup_errors=True) as cwd:
+        folder = nullcontext("/tmp") if sandboxed else tempfile.TemporaryDirectory(prefix="fcapp-sandbox-",
+                                                                                 ignore_cleanup_errors=True)
+        with folder as cwd:
+            if sandboxed:  # /tmp inside the sandbox: its own tmpfs
+                argv = [*namespaces.command(self.limits.file_bytes), sys.executable, "-I", namespaces.WORKER_INSIDE]
+            else:
+                argv = [sys.executable, "-I", namespaces.WORKER]
             try:
-                child = subprocess.Popen(
-                    [sys.executable, "-I", _WORKER],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    cwd=cwd,
-                    env=_child_env(cwd),
-                    close_fds=True,
-                    start_new_session=True,
-                )
+                child = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         cwd="/" if sandboxed else cwd, env=namespaces.child_env(cwd), close_fds=True,
+                                         start_new_session=True)
             except OSError as exc:
                 raise ToolError(f"{self.function}: could not start the sandbox: {exc}") from None
             with child:
@@ -113,7 +117,10 @@ class SandboxedFunction:
                     reply, output, stopped = _exchange(child, json.dumps(request).encode(), self.limits)
                 finally:
                     _kill_group(child.pid)
-        return self._outcome(reply, output, stopped, child.returncode)
+        returncode = child.returncode
+        if sandboxed and returncode > 128:  # bwrap exits with 128 + n when its child died of signal n
+            returncode = 128 - returncode
+        return self._outcome(reply, output, stopped, returncode)
 
     def _outcome(self, reply: bytes, output: bytes, stopped: str | None, returncode: int) -> Any:
         """The returned value, or a ToolError saying what went wrong and where."""
@@ -302,21 +309,6 @@ def _dotted(node: ast.expr) -> str:
         head = _dotted(node.value)
         return f"{head}.{node.attr}" if head else ""
     return ""
-
-
-def _child_env(cwd: str) -> dict[str, str]:
-    """A fresh environment: nothing from the app's (no tokens, keys or database paths)."""
-    return {
-        "PATH": os.defpath,
-        "HOME": cwd,
-        "TMPDIR": cwd,
-        "LANG": "C.UTF-8",
-        "LC_ALL": "C.UTF-8",
-        # numeric libraries start one thread per core by default; one is plenty for a tool call
-        "OMP_NUM_THREADS": "1",
-        "OPENBLAS_NUM_THREADS": "1",
-        "MKL_NUM_THREADS": "1",
-    }
 
 
 def _exchange(child: subprocess.Popen, request: bytes, limits: SandboxLimits) -> tuple[bytes, bytes, str | None]:

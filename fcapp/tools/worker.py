@@ -4,14 +4,17 @@ A thread cannot be stopped: a sympy call past its time limit would keep a core b
 (`solve_equation("abs(x)+x**3=1")` does), slowing every chain after it. So `Tool.call` hands an
 isolated tool's call to an idle worker (`python -m fcapp.tools.worker`, one JSON line in, one out)
 and, when the call runs past its limit, kills that worker; the next call gets a fresh one. Workers
-are started on demand, one per concurrent call, kept for reuse, and capped in memory.
+are started on demand, one per concurrent call, and kept for reuse; their memory is capped
+(RLIMIT_AS), and one that has grown past RECYCLE_RSS_BYTES after a call is ended, which frees it.
 
-Only trusted, importable functions (`module:qualname`) run here; model text reaches them only as
+Only trusted, importable functions (`module:qualname`, or a functools.partial of one binding
+keyword arguments, such as a problem's premises) run here; model text reaches them only as
 validated arguments, exactly as in-process.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import resource
@@ -21,6 +24,7 @@ import threading
 from typing import Any, Callable
 
 MEMORY_LIMIT_BYTES = 2 * 2**30  # address space of a worker: a runaway expansion fails, the app does not
+RECYCLE_RSS_BYTES = 512 * 2**20  # a worker resident past this after a call is ended rather than kept
 # How a tool fails on bad input besides ToolError, in a worker or not: reported as "<tool> failed: ...".
 # A worker reports any other exception too (named), since a built-in tool should not raise it.
 EXPECTED_FAILURES = (ValueError, TypeError, ArithmeticError, OverflowError, RecursionError, MemoryError)
@@ -64,6 +68,14 @@ class _Worker:
         self.process.kill()
         self.process.wait()
 
+    def resident_bytes(self) -> int:
+        """Its resident memory (Linux /proc; 0 where that cannot be read)."""
+        try:
+            with open(f"/proc/{self.process.pid}/statm") as statm:
+                return int(statm.read().split()[1]) * resource.getpagesize()
+        except (OSError, IndexError, ValueError):
+            return 0
+
 
 class WorkerPool:
     """Idle workers, taken one per call (so concurrent calls run side by side) and returned after."""
@@ -74,15 +86,19 @@ class WorkerPool:
 
     def call(self, fn: Callable[..., Any], arguments: dict[str, Any], timeout_s: float) -> Any:
         """fn(**arguments) in a worker. Raises TimeoutError (the worker is killed) or WorkerError."""
+        if isinstance(fn, functools.partial):
+            fn, arguments = fn.func, {**fn.keywords, **arguments}
         with self._lock:
             worker = self._idle.pop() if self._idle else None
         worker = worker if worker and worker.process.poll() is None else _Worker()
         reply = worker.call(f"{fn.__module__}:{fn.__qualname__}", arguments, timeout_s)  # what the worker imports
-        if reply is None:
+        if reply is None or worker.resident_bytes() > RECYCLE_RSS_BYTES:
             worker.kill()
+        else:
+            with self._lock:
+                self._idle.append(worker)
+        if reply is None:
             raise TimeoutError
-        with self._lock:
-            self._idle.append(worker)
         if "error" in reply:
             raise WorkerError(reply["error"], reply["tool_error"])
         return reply["result"]

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Sequence
+
 import gradio as gr
 
+from fcapp.models import teachers
 from fcapp.paths import data_dir
 from fcapp.serve import is_loopback
 from fcapp.store import Store
+from fcapp.tools import namespaces
 from fcapp.ui import common, compare, curate, functions, solve, train
 
 CSS = """
@@ -58,7 +63,9 @@ def build_app(db: str | None = None) -> gr.Blocks:
     """The whole app over the store at `db` (default: fcapp.db in the data folder)."""
     store = Store(db)
     ctx = common.Context(store)
-    with gr.Blocks(title="fcapp: function calling for small models", analytics_enabled=False) as demo:
+    # what Gradio copies into its temporary folder (uploads, downloads) is deleted after an hour
+    with gr.Blocks(title="fcapp: function calling for small models", analytics_enabled=False,
+                   delete_cache=(3600, 3600)) as demo:
         with gr.Row():
             gr.Markdown("## fcapp · function calling for small language models "
                         "([DPO on verified chains](https://arxiv.org/abs/2410.18890))")
@@ -85,12 +92,21 @@ def parse_auth(auth: str | None) -> tuple[str, str] | None:
     return user, password
 
 
-def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, db: str | None = None) -> None:
-    """Serve the app; a non-loopback host needs `auth` ("user:password")."""
+def launch(host: str = "127.0.0.1", port: int = 7860, auth: str | None = None, db: str | None = None,
+           allow_unsandboxed_functions: bool = False, teacher_files: Sequence[str] = (),
+           teacher_flags: Sequence[str] = ()) -> None:
+    """Serve the app; a non-loopback host needs `auth` ("user:password"). Where the machine has no
+    OS sandbox, user functions are refused unless `allow_unsandboxed_functions`. The teachers the
+    browser may pick come from `teacher_files` and `teacher_flags` (see fcapp.models.teachers)."""
     credentials = parse_auth(auth)
     if not is_loopback(host) and credentials is None:
         raise ValueError(f"binding to {host} makes the app reachable from other machines: "
                          "pass --auth user:password (or use the default host 127.0.0.1)")
+    teachers.configure(list(teacher_files), list(teacher_flags))
+    if allow_unsandboxed_functions:
+        namespaces.allow_unsandboxed()
+    log = logging.getLogger("fcapp")
+    (log.info if namespaces.unavailable() is None else log.warning)(namespaces.status())
     demo = build_app(db)
     demo.launch(server_name=host, server_port=port, auth=credentials, show_error=True, ssr_mode=False,
                 theme=gr.themes.Soft(primary_hue="indigo"), css=CSS, head=HEAD,

@@ -15,6 +15,7 @@ from typing import Any, Iterator
 
 import gradio as gr
 
+from fcapp.models import teachers
 from fcapp.models.registry import EMBEDDED, list_models, model_id, tuned_model_dir
 from fcapp.paths import data_dir
 from fcapp.records import FINAL_ANSWER, Chain, Event, Step
@@ -36,13 +37,18 @@ class Context:
 
 
 # ---- models -------------------------------------------------------------------------------------
-_models: dict[tuple[str, str, float], Any] = {}
+_models: dict[tuple[str, object], Any] = {}
 _models_lock = threading.Lock()
 MAX_LOCAL_MODELS = 3  # the embedded model stays; tuned ones are dropped oldest first
+MODEL_HELP = ("'smollm2' (embedded), a tuned model's name, a teacher the operator configured (teacher:NAME, "
+              "with its key), or an OpenAI-compatible server as http://HOST:PORT/v1#MODEL (called without a key)")
 
 
-def _stamp(spec: str) -> float:
-    """Changes when a tuned model of that name is (re)written, so a stale copy is not served."""
+def _version(spec: str) -> object:
+    """Changes when what `spec` names changes: a tuned model (re)written, a teacher reconfigured;
+    so a stale copy is not served."""
+    if spec.startswith(teachers.PREFIX):
+        return next((t for t in teachers.configured() if t.spec == spec), None)
     folder = tuned_model_dir(spec)
     try:
         return (folder / "config.json").stat().st_mtime if folder else 0.0
@@ -50,29 +56,31 @@ def _stamp(spec: str) -> float:
         return 0.0
 
 
-def get_model(spec: str | None, api_key_env: str = "OPENAI_API_KEY") -> Any:
-    """A loaded model for `spec`, loaded once per app process (the embedded one is never dropped)."""
+def get_model(spec: str | None) -> Any:
+    """A loaded model for `spec` (see MODEL_HELP), loaded once per app process (the embedded one is
+    never dropped). Only a configured teacher is sent a key: a URL typed in the browser gets none."""
     from fcapp.models import get_model as load
 
     spec = model_id(spec)  # every name of the embedded model shares one loaded copy
-    key = (spec, api_key_env, _stamp(spec))
+    key = (spec, _version(spec))
     with _models_lock:
         if key not in _models:
-            local = [k for k in _models if k[0] != EMBEDDED and not k[0].startswith(("http://", "https://"))]
+            local = [k for k in _models if k[0] != EMBEDDED
+                     and not k[0].startswith(("http://", "https://", teachers.PREFIX))]
             while len(local) >= MAX_LOCAL_MODELS - 1:
                 _models.pop(local.pop(0))
-            _models[key] = load(spec, api_key_env=api_key_env)
+            _models[key] = load(spec)
         return _models[key]
 
 
 def model_choices() -> list[str]:
-    """The embedded model and every registered tuned model, newest first."""
+    """The embedded model, every registered tuned model (newest first), then the configured teachers."""
     names = [EMBEDDED]
     try:
         names += [m["name"] for m in list_models()]
     except OSError:  # an unreadable models folder leaves the embedded model to choose
         pass
-    return list(dict.fromkeys(names))
+    return list(dict.fromkeys(names + [t.spec for t in teachers.configured()]))
 
 
 # ---- busy notes ------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import threading
 
 import gradio as gr
 
+from fcapp.models import teachers
 from fcapp.solve import SolveConfig
 from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task, get_model,
                              get_problem, model_choices, problem_choices, short, task_choices, verdict_text)
@@ -20,8 +21,7 @@ _running: dict[str, threading.Event] = {}  # the evaluation's stop switch (one a
 
 def tuned_default() -> str:
     """The newest tuned model, else the embedded one (base vs base)."""
-    choices = model_choices()
-    return choices[1] if len(choices) > 1 else EMBEDDED
+    return next((c for c in model_choices()[1:] if not c.startswith(teachers.PREFIX)), EMBEDDED)
 
 
 def side_by_side(task_obj, problem, models: dict[str, object], config: SolveConfig, views: dict[str, ChainView],

@@ -12,8 +12,8 @@ from fcapp.generate import GenerateConfig, generate
 from fcapp.trainsets import PairPolicy, TrainingDataError, import_pairs, make_pairs
 from fcapp.paths import data_dir
 from fcapp.solve import edit_final_answer
-from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, Context, busy, chain_messages, chatbot, default_task,
-                             get_model, model_choices, safe_upload, short, task_choices)
+from fcapp.ui.common import (EMBEDDED, MODEL_HELP, MODEL_SLOT, Context, busy, chain_messages, chatbot,
+                             default_task, get_model, model_choices, safe_upload, short, task_choices)
 
 HEADERS = ["id", "problem", "model", "verifier", "label", "counts as", "steps", "answer"]
 VERDICTS = {"any": None, "correct": True, "incorrect": False}
@@ -245,7 +245,7 @@ def build(ctx: Context) -> None:
         with gr.Accordion("Generate chains with a teacher", open=False, elem_id="gen"):
             with gr.Row():
                 teacher_model = gr.Dropdown(model_choices(), value=EMBEDDED, allow_custom_value=True,
-                                            label="Teacher (a model name or http://HOST:PORT/v1#MODEL)")
+                                            label="Teacher", info=MODEL_HELP, elem_id="gen-teacher")
                 samples = gr.Slider(1, 16, value=4, step=1, label="Samples per problem")
                 limit = gr.Number(5, precision=0, label="First N problems (0 = all)")
                 gen_split = gr.Radio(["train"], value="train", label="Split",

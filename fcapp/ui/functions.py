@@ -7,6 +7,7 @@ import json
 import gradio as gr
 
 from fcapp import user_tools
+from fcapp.tools import namespaces
 from fcapp.tools.base import SchemaError
 from fcapp.tools.sandbox import try_call
 from fcapp.ui.common import Context, default_task, task_choices
@@ -67,7 +68,7 @@ def save(task: str | None, source: str, examples: str):
     except (SchemaError, ValueError) as exc:
         return (f"✗ Not saved: {exc}", *[gr.update()] * 6)
     rows = refresh(task)
-    note = f"✓ Saved **{function.name}** and switched it on for {task}. It runs in the sandbox."
+    note = f"✓ Saved **{function.name}** and switched it on for {task}. {namespaces.status()}"
     return (note, *rows[:4], gr.update(choices=rows[4]["choices"], value=function.name),
             gr.update(choices=rows[5]["choices"], value=function.name))
 
@@ -130,6 +131,7 @@ def build(ctx: Context) -> None:
         gr.Markdown("The functions a model may call for each task, with the descriptions and call examples "
                     "injected into its prompt. Add your own in Python: type hints and the docstring become the "
                     "schema. They run in a child process with time and memory limits.")
+        gr.Markdown(namespaces.status(), elem_id="fn-sandbox")
         task = gr.Dropdown(list(task_choices()), value=default_task(), label="Task", elem_id="fn-task")
         table = gr.Dataframe(headers=HEADERS, value=function_table(default_task()), interactive=False, wrap=True,
                              column_widths=["40px", "27%", "70px", "33%", "30%"], elem_id="fn-table",

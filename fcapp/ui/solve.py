@@ -7,11 +7,9 @@ import time
 import gradio as gr
 
 from fcapp.solve import SolveConfig, solve_events
-from fcapp.ui.common import (EMBEDDED, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task, get_model,
-                             get_problem, model_choices, problem_choices, short, task_choices, verdict_text)
-
-MODEL_HELP = ("'smollm2' (embedded), a tuned model's name, or an OpenAI-compatible server as "
-              "http://HOST:PORT/v1#MODEL (its key is read from the environment variable below)")
+from fcapp.ui.common import (EMBEDDED, MODEL_HELP, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task,
+                             get_model, get_problem, model_choices, problem_choices, short, task_choices,
+                             verdict_text)
 
 
 def problem_update(task: str | None, split: str):
@@ -53,8 +51,8 @@ def summary(chain) -> str:
 
 
 def build(ctx: Context) -> None:
-    def run(task, split, problem_id, question, expected, spec, key_env, max_steps, temperature, top_p,
-            max_new_tokens, seed, save):
+    def run(task, split, problem_id, question, expected, spec, max_steps, temperature, top_p, max_new_tokens,
+            seed, save):
         try:
             task_obj, problem = get_problem(task, problem_id, question, expected)
         except (ValueError, KeyError) as exc:
@@ -65,7 +63,7 @@ def build(ctx: Context) -> None:
         yield view.messages(), f"Loading {spec}…"
         with busy(f"Solve: {short(problem.id, 30)} with {short(spec, 40)}"):
             try:
-                model = get_model(spec, key_env or "OPENAI_API_KEY")
+                model = get_model(spec)
             except Exception as exc:  # noqa: BLE001 - any load failure is shown, the app goes on
                 yield view.messages(), f"✗ Cannot load model {spec!r}: {exc}"
                 return
@@ -116,7 +114,6 @@ def build(ctx: Context) -> None:
                 top_p = gr.Slider(0.05, 1, value=1.0, step=0.05, label="Top-p")
             with gr.Row():
                 seed = gr.Number(0, precision=0, label="Seed")
-                key_env = gr.Textbox("OPENAI_API_KEY", label="API key environment variable (HTTP models)")
                 save = gr.Checkbox(False, label="Save the chain to the store (for curation)")
         verdict = gr.Markdown(elem_id="solve-verdict")
         chat = chatbot("solve-chat", 560)
@@ -124,8 +121,8 @@ def build(ctx: Context) -> None:
         task.change(problem_update, [task, split], problem)
         split.change(problem_update, [task, split], problem)
         problem.change(problem_text, [task, problem], problem_md)
-        event = run_btn.click(run, [task, split, problem, question, expected, model, key_env, max_steps,
-                                    temperature, top_p, max_new, seed, save], [chat, verdict],
+        event = run_btn.click(run, [task, split, problem, question, expected, model, max_steps, temperature, top_p,
+                                    max_new, seed, save], [chat, verdict],
                               concurrency_limit=1, concurrency_id=MODEL_SLOT)
         stop_btn.click(lambda: "Stopped.", None, verdict, cancels=[event])
         ctx.loaders.append((lambda: gr.update(choices=model_choices()), [], [model]))
