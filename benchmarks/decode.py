@@ -23,7 +23,8 @@ from benchmarks.report import Row, command, log, table
 from benchmarks.report import machine as machine_basics
 from fcapp.batching import solve_batch
 from fcapp.models.base import Message
-from fcapp.models.local import LocalModel, _lay_out_for_decode
+from fcapp.models.cpu import lay_out_for_decode
+from fcapp.models.local import LocalModel
 from fcapp.models.registry import embedded_gguf, embedded_model_dir, gguf_to_folder
 from fcapp.records import Chain
 from fcapp.solve import SolveConfig, solve, start_chain
@@ -150,7 +151,7 @@ def plain_layout(model: LocalModel) -> Iterator[None]:
     try:
         yield
     finally:
-        _lay_out_for_decode(model.model)
+        lay_out_for_decode(model.model)
 
 
 def with_plain_layout(model: LocalModel, run: Callable[[], float]) -> float:

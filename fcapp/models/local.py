@@ -13,321 +13,20 @@ from __future__ import annotations
 
 import threading
 import time
-import types
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
-from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
+from transformers.cache_utils import get_layer_types_and_kwargs
 
 from fcapp.models.base import Chunk, Completion, Message, ModelError, Request, SamplingParams
-from fcapp.models.registry import model_id, resolve_model_path
+from fcapp.models.cpu import ThreadChooser, lay_out_for_decode, quantise_for_decode
+from fcapp.models.kv_cache import KVState, common_prefix
+from fcapp.models.registry import model_id, resolve_model_path, split_precision
 
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def _lay_out_for_decode(model: torch.nn.Module) -> None:
-    """Store each fp32 Linear weight as [in, out] in memory (a transposed view keeps its shape and
-    values): MKL's one-token x @ W then streams the weights faster than from [out, in] rows
-    (measured on the 2-core box: matmuls 1.4-1.7x, whole decode steps 1.1-1.2x). Results equal the
-    plain layout's up to float rounding. Those Linears also get `_few_rows_forward`."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.dtype == torch.float32:
-            module.weight.data = module.weight.data.t().contiguous().t()
-            if module.in_features % 2 == 0:
-                module.forward = types.MethodType(_few_rows_forward, module)
-
-
-def _few_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """x @ W for a few rows (decoding) as two half-length reductions in one batched matmul, summed.
-    MKL runs a one-row matmul on a single thread whatever the thread count, but the two matmuls of
-    a batch on two threads: measured on the 2-core box, the weights of a token stream in 16 ms
-    instead of 28 ms and a decode step is 1.4x faster. With one thread, many rows (a prompt) or
-    weights not stored [in, out], the plain matmul."""
-    weight = self.weight
-    rows = x.numel() // x.shape[-1]
-    if rows > 16 or torch.get_num_threads() < 2 or not weight.t().is_contiguous():
-        return torch.nn.functional.linear(x, weight, self.bias)
-    half = self.in_features // 2
-    halves = torch.bmm(x.reshape(rows, 2, half).transpose(0, 1), weight.t().view(2, half, self.out_features))
-    out = halves.sum(0) if self.bias is None else halves.sum(0) + self.bias
-    return out.view(*x.shape[:-1], self.out_features)
-
-
-class _ThreadChooser:
-    """Intra-op threads for one kind of forward pass, chosen by timing the passes as they run.
-
-    On an idle machine every core helps (prefill ran 1.8x faster on 2 threads); on a shared one
-    (the 2-core box with other jobs) two threads that wait for each other are 2-10x slower than
-    one (measured: a batch-8 decode step 0.2 s with 1 thread, 1.0-1.6 s with 2). So now and then
-    a couple of passes run with the other count; the cheaper one is kept, and a probe that loses
-    waits twice as long before the next. A probe pass more than 3x slower ends the probe at once
-    and waits the longest (decoding's two-thread matmuls, see `_few_rows_forward`, wait for each
-    other at every layer when another job holds a core: ~50x slower passes)."""
-
-    PROBE = 2
-    SHORTEST, LONGEST = 16, 512  # passes between probes
-
-    def __init__(self, most: int) -> None:
-        self.choices = sorted({1, max(1, most)})
-        self.current = self.choices[0]
-        self.period = self.SHORTEST
-        self.countdown = self.PROBE  # the first probe comes early: an idle machine gains from the start
-        self.recent: list[float] = []  # costs of the last passes with the current count
-        self.probe: list[float] = []   # costs of the probe's passes
-
-    def next(self) -> int:
-        """The thread count for the coming pass."""
-        if len(self.choices) > 1 and self.countdown <= 0 and len(self.recent) >= self.PROBE:
-            return self.choices[1 - self.choices.index(self.current)]
-        return self.current
-
-    def record(self, threads: int, cost: float) -> None:
-        """The cost (seconds per unit of work) of a pass that ran with `threads`."""
-        if threads == self.current:
-            self.recent = (self.recent + [cost])[-self.PROBE:]
-            self.countdown -= 1
-            return
-        self.probe.append(cost)
-        hopeless = cost > 3 * max(self.recent)  # e.g. two threads while another job holds a core
-        if len(self.probe) < self.PROBE and not hopeless:
-            return
-        if not hopeless and sum(self.probe) < 0.9 * sum(self.recent):
-            self.current, self.period, self.recent = threads, self.SHORTEST, self.probe
-        else:
-            self.period = self.LONGEST if hopeless else min(2 * self.period, self.LONGEST)
-        self.probe, self.countdown = [], self.period
-
-
-class _GrowingLayer(DynamicLayer):
-    """One layer's keys and values in a buffer with room to spare. Appending a token writes in place
-    (DynamicLayer concatenates, copying the layer's whole cache for every token); the buffer doubles
-    when full. Shapes are [rows, kv_heads, columns, head_dim]."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.length = 0
-        self._k: torch.Tensor | None = None
-        self._v: torch.Tensor | None = None
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.device = key_states.device
-        self.is_initialized = True
-
-    def _store(self, k: torch.Tensor, v: torch.Tensor, room: int) -> None:
-        """Make (k, v) the whole cache, copied into fresh buffers with `room` spare columns."""
-        rows, heads, length, dim = k.shape
-        self._k = k.new_empty(rows, heads, length + room, dim)
-        self._v = v.new_empty(rows, heads, length + room, dim)
-        self._k[:, :, :length] = k
-        self._v[:, :, :length] = v
-        self.length = length
-        self._publish()
-
-    def _publish(self) -> None:
-        assert self._k is not None and self._v is not None
-        self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
-        if self._k is None:
-            self._store(key_states, value_states, room=256)
-            return self.keys, self.values
-        if end > self._k.shape[-2]:  # grow: room for the incoming states plus as much again
-            self._store(self.keys, self.values, room=max(256, self.length) + key_states.shape[-2])
-        self._k[:, :, self.length:end] = key_states
-        self._v[:, :, self.length:end] = value_states
-        self.length = end
-        self._publish()
-        return self.keys, self.values
-
-    def get_seq_length(self) -> int:
-        return self.length
-
-    def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last -tokens_to_remove columns (negative, as in transformers 5)."""
-        self.length = max(0, self.length + min(tokens_to_remove, 0))
-        if self._k is not None:
-            self._publish()
-
-    def take(self, source: "_GrowingLayer", rows: torch.Tensor, columns: torch.Tensor) -> None:
-        """Become `source`'s rows `rows`, new row j holding old columns columns[j] ([rows, width])."""
-        if source._k is None:
-            return
-        index = columns[:, None, :, None].expand(-1, source.keys.shape[1], -1, source.keys.shape[-1])
-        self.device, self.is_initialized = source.device, True
-        self._store(source.keys.index_select(0, rows).gather(2, index),
-                    source.values.index_select(0, rows).gather(2, index), room=256)
-
-    def put(self, rows: list[int], source: "_GrowingLayer", width: int) -> None:
-        """Write `source`'s rows over rows `rows`, right-aligned to `width` columns. A narrower layer
-        grows to `width` first, its new columns zeros (masked holes for the other rows)."""
-        assert self._k is not None and self._v is not None and source._k is not None
-        if width > self.length:
-            if width > self._k.shape[-2]:
-                self._store(self.keys, self.values, room=max(256, self.length) + width - self.length)
-            self._k[:, :, self.length:width] = 0
-            self._v[:, :, self.length:width] = 0
-            self.length = width
-            self._publish()
-        for j, row in enumerate(rows):
-            self._k[row, :, width - source.length:width] = source.keys[j]
-            self._v[row, :, width - source.length:width] = source.values[j]
-
-    def join(self, parts: list[tuple["_GrowingLayer", int]], width: int) -> None:
-        """Become the rows of `parts` ((layer, its row count) pairs) stacked, each right-aligned to
-        `width` columns; the columns on the left of a narrower part are zeros (masked holes)."""
-        like = next((layer for layer, _ in parts if layer._k is not None), None)
-        if like is None:
-            return
-        _, heads, _, dim = like.keys.shape
-        rows = sum(n for _, n in parts)
-        k, v = like.keys.new_zeros(rows, heads, width, dim), like.values.new_zeros(rows, heads, width, dim)
-        row = 0
-        for layer, n in parts:
-            if layer._k is not None and layer.length:
-                k[row:row + n, :, width - layer.length:] = layer.keys
-                v[row:row + n, :, width - layer.length:] = layer.values
-            row += n
-        self.device, self.is_initialized = like.device, True
-        self._store(k, v, room=256)
-
-
-class _KVState:
-    """The KV cache of a batch of rows plus, per row, which tokens it holds and in which column.
-
-    Rows have different lengths and may lose a tail (the next prompt re-tokenises a reply differently)
-    while other rows keep theirs, so a column may be a hole for some rows: holes are masked out of
-    attention and compacted away when they waste too much. Positions (RoPE) count only real tokens,
-    so every row computes what it would alone."""
-
-    def __init__(self, n_layers: int, rows: int = 0) -> None:
-        self.n_layers = n_layers
-        self.cache = Cache(layers=[_GrowingLayer() for _ in range(n_layers)])
-        self.tokens: list[list[int]] = [[] for _ in range(rows)]  # per row: its real tokens, in order
-        self.where: list[list[int]] = [[] for _ in range(rows)]   # per row: the column of each of them
-        self.valid = torch.zeros(rows, 0, dtype=torch.bool)  # [rows, columns]: column holds a real token
-
-    @property
-    def width(self) -> int:
-        return self.valid.shape[1]
-
-    def match(self, ids: list[int]) -> tuple[int, int]:
-        """(row, n): the row sharing the longest prefix with `ids` and that prefix's length."""
-        best = (0, 0)
-        for row, held in enumerate(self.tokens):
-            n = _common_prefix(held, ids)
-            if n > best[1]:
-                best = (row, n)
-        return best
-
-    def keep(self, sources: list[int], lengths: list[int]) -> "_KVState":
-        """The state whose row j is the first lengths[j] tokens of row sources[j]: this one, cut in
-        place (the dropped tails masked), when rows stay put and little would be wasted; else a new
-        packed one (see `rows`)."""
-        last = [self.where[s][n - 1] + 1 if n else 0 for s, n in zip(sources, lengths)]
-        width = max(last, default=0)
-        if sources != list(range(len(self.tokens))) or width - max(lengths, default=0) > width // 4:
-            return self.rows(sources, lengths)
-        for row, n in enumerate(lengths):
-            self.valid[row, last[row]:] = False
-            self.tokens[row], self.where[row] = self.tokens[row][:n], self.where[row][:n]
-        self.valid = self.valid[:, :width]
-        for layer in self.cache.layers:
-            layer.crop(width - layer.get_seq_length())
-        return self
-
-    def rows(self, sources: list[int], lengths: list[int]) -> "_KVState":
-        """A new state whose row j holds the first lengths[j] tokens of row sources[j], packed to the
-        right (the holes of shorter rows on the left). This one is left as it is."""
-        width = max(lengths, default=0)
-        packed = _KVState(self.n_layers)
-        columns = torch.zeros(len(sources), width, dtype=torch.long)
-        packed.valid = torch.zeros(len(sources), width, dtype=torch.bool)
-        for j, (s, n) in enumerate(zip(sources, lengths)):
-            if n:
-                columns[j, width - n:] = torch.tensor(self.where[s][:n])
-                packed.valid[j, width - n:] = True
-        index = torch.tensor(sources, dtype=torch.long)
-        for new, old in zip(packed.cache.layers, self.cache.layers):
-            new.take(old, index, columns)
-        packed.tokens = [self.tokens[s][:n] for s, n in zip(sources, lengths)]
-        packed.where = [list(range(width - n, width)) for n in lengths]
-        return packed
-
-    def put(self, targets: list[int], source: "_KVState") -> None:
-        """Replace rows `targets` by `source`'s rows, in place, right-aligned to the wider of the two
-        states: the replaced rows' old columns become holes, and where `source` is wider the other
-        rows get masked holes on the right."""
-        width = max(self.width, source.width)
-        shift = width - source.width
-        valid = torch.zeros(len(self.tokens), width, dtype=torch.bool)
-        valid[:, :self.width] = self.valid
-        for j, row in enumerate(targets):
-            valid[row] = False
-            valid[row, shift:] = source.valid[j]
-            self.tokens[row] = list(source.tokens[j])
-            self.where[row] = [column + shift for column in source.where[j]]
-        self.valid = valid
-        for mine, theirs in zip(self.cache.layers, source.cache.layers):
-            mine.put(targets, theirs, width)
-
-    @staticmethod
-    def joined(states: list["_KVState"]) -> "_KVState":
-        """One state holding the rows of `states` in order, right-aligned to the widest."""
-        width = max(state.width for state in states)
-        joined = _KVState(states[0].n_layers)
-        joined.valid = torch.zeros(sum(len(state.tokens) for state in states), width, dtype=torch.bool)
-        row = 0
-        for state in states:
-            shift = width - state.width
-            joined.valid[row:row + len(state.tokens), shift:] = state.valid
-            joined.tokens += [list(tokens) for tokens in state.tokens]
-            joined.where += [[column + shift for column in where] for where in state.where]
-            row += len(state.tokens)
-        for i, layer in enumerate(joined.cache.layers):
-            layer.join([(state.cache.layers[i], len(state.tokens)) for state in states], width)
-        return joined
-
-    def feed(self, model: torch.nn.Module, suffixes: list[list[int]], pad_id: int) -> torch.Tensor:
-        """Append each row's new tokens (right-aligned; shorter rows get masked pads first) and return
-        the logits after each row's last token, [rows, vocab]."""
-        rows, start = len(suffixes), self.width
-        new = max(len(s) for s in suffixes)
-        device = model.device
-        ids = torch.full((rows, new), pad_id, dtype=torch.long)
-        positions = torch.zeros(rows, new, dtype=torch.long)
-        valid_new = torch.zeros(rows, new, dtype=torch.bool)
-        for row, suffix in enumerate(suffixes):
-            if suffix:
-                ids[row, new - len(suffix):] = torch.tensor(suffix)
-                held = len(self.tokens[row])
-                positions[row, new - len(suffix):] = torch.arange(held, held + len(suffix))
-                valid_new[row, new - len(suffix):] = True
-        valid = torch.cat([self.valid, valid_new], dim=1)
-        if rows == 1 and bool(valid.all()):
-            mask = None  # one packed row: transformers' own causal path, nothing to build
-        else:
-            columns = torch.arange(start + new)
-            query = start + torch.arange(new)
-            causal = columns[None, :] <= query[:, None]
-            own = columns[None, :] == query[:, None]  # a pad sees itself: no all-masked row, no NaN
-            mask = ((valid[:, None, None, :] & causal) | own).to(device)
-        try:
-            out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                        cache=self.cache, use_cache=True, logits_to_keep=1)
-        except BaseException:
-            self.__init__(self.n_layers)  # a half-updated cache is worthless: start clean
-            raise
-        for row, suffix in enumerate(suffixes):
-            self.tokens[row].extend(suffix)
-            self.where[row].extend(range(start + new - len(suffix), start + new))
-        self.valid = valid
-        return out.logits[:, -1]
 
 
 def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
@@ -336,14 +35,6 @@ def _draw(weights: torch.Tensor, generator: torch.Generator) -> int:
     cdf = torch.cumsum(weights.double().cpu(), dim=0)
     u = torch.rand((), generator=generator, dtype=torch.float64) * cdf[-1]
     return int(torch.searchsorted(cdf, u, right=True).clamp(max=len(cdf) - 1))
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 @dataclass
@@ -400,7 +91,8 @@ class LocalModel:
     instead of re-encoding it; `generate_batch` decodes several conversations together and
     `generate_continuous` streams conversations through a batch of slots. On CPU in fp32 the Linear
     weights are stored transposed for speed (same shapes and values): save a model from its folder,
-    not from `.model`."""
+    not from `.model`. A spec ending in `@int8` or `@int4` decodes with quantised copies of the
+    Linear weights (`fcapp.models.cpu.quantise_for_decode`); prompts still run in fp32."""
 
     def __init__(self, spec: str | None = None, device: str | None = None, dtype: str = "float32",
                  prefix_cache: bool = True, threads: int | None = None) -> None:
@@ -408,7 +100,10 @@ class LocalModel:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         path = resolve_model_path(spec)
+        precision = split_precision(spec)[1]
         device = device or default_device()
+        if precision != "fp32" and (device != "cpu" or dtype != "float32"):
+            raise ModelError(f"{spec!r}: {precision} weights decode on the CPU, from a float32 model")
         try:
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).to(device)
@@ -416,7 +111,9 @@ class LocalModel:
             raise ModelError(f"cannot load model {spec!r} from {path}: {exc}") from None
         model.eval()
         if device == "cpu" and model.dtype == torch.float32:
-            _lay_out_for_decode(model)
+            lay_out_for_decode(model)
+        if precision != "fp32":
+            quantise_for_decode(model, precision)
         self._attach(model, tokenizer, model_id(spec), path, prefix_cache, threads)
 
     @classmethod
@@ -438,11 +135,11 @@ class LocalModel:
         self.prefix_cache = prefix_cache
         self.threads = threads
         auto = threads is None and self.device == "cpu"
-        self._choosers = {kind: _ThreadChooser(torch.get_num_threads()) for kind in ("prefill", "decode")} if auto else {}
+        self._choosers = {kind: ThreadChooser(torch.get_num_threads()) for kind in ("prefill", "decode")} if auto else {}
         self.stats = DecodeStats()
         self.lock = threading.Lock()
-        self._state = _KVState(self._layers)  # no rows yet
-        self._parked: list[_KVState] = []  # rows set aside mid-batch once their reply ended, kept for reuse
+        self._state = KVState(self._layers)  # no rows yet
+        self._parked: list[KVState] = []  # rows set aside mid-batch once their reply ended, kept for reuse
         eos = {tokenizer.eos_token_id}
         im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
         if isinstance(im_end, int) and im_end >= 0:
@@ -453,7 +150,7 @@ class LocalModel:
     def clear_cache(self) -> None:
         """Forget every cached prefix: the next prompt is encoded from scratch (and the memory freed)."""
         with self.lock:
-            self._state, self._parked = _KVState(self._layers), []
+            self._state, self._parked = KVState(self._layers), []
 
     # ---- prompt -------------------------------------------------------------------------------
     def encode(self, messages: list[Message]) -> list[int]:
@@ -467,12 +164,12 @@ class LocalModel:
     def _prefill(self, prompts: list[list[int]]) -> torch.Tensor:
         """Load `prompts` as the cache's rows, reusing cached prefixes; logits after each prompt."""
         held = [state for state in (self._state, *self._parked) if state.tokens] if self.prefix_cache else []
-        state = _KVState.joined(held) if len(held) > 1 else held[0] if held else _KVState(self._layers, rows=1)
+        state = KVState.joined(held) if len(held) > 1 else held[0] if held else KVState(self._layers, rows=1)
         self._parked = []
         encoded = 0
         if len(prompts) > 1:
             # a prefix the whole batch shares (the injected prompt) but the cache lacks: encode it once
-            shared = min(min(_common_prefix(prompts[0], p) for p in prompts), min(map(len, prompts)) - 1)
+            shared = min(min(common_prefix(prompts[0], p) for p in prompts), min(map(len, prompts)) - 1)
             row, n = state.match(prompts[0][:shared])
             if shared - n >= 16:
                 state = state.keep([row], [n])

