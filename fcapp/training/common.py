@@ -15,6 +15,16 @@ from fcapp.training.config import TrainConfig
 from fcapp.training.folder import RunFolder, read_json
 
 
+def score_trained_positions_only() -> None:
+    """Make TRL's fused LM head project only the positions it trains on, on every device. TRL 1.16 does so
+    where Triton runs and scores every position elsewhere (a choice made for Neuron, which recompiles per
+    shape); on a CPU that dense pass over the whole vocabulary was 40% of an SFT step and most of a DPO
+    step. The log-probs are the same (tests/test_packing.py checks it against TRL's own path)."""
+    import trl.trainer.utils as trl_utils
+
+    trl_utils._use_triton = lambda device: True  # read only where the fused head picks compact scoring
+
+
 def load_tokenizer(base: str) -> Any:
     from transformers import AutoTokenizer
 
@@ -193,6 +203,7 @@ def thread_callback(config: TrainConfig) -> Any:
     class ThreadCallback(TrainerCallback):
         def __init__(self) -> None:
             self.chooser = _ThreadChooser(torch.get_num_threads())
+            self.chooser.current = self.chooser.choices[-1]  # all cores first: a step is long, probing one is cheap
             self.began, self.tokens, self.threads = 0.0, 0, 0
 
         def on_step_begin(self, args, state, control, **kwargs):

@@ -82,7 +82,8 @@ class TrainConfig:
                                        "holds a core)")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout (sft; DPO and GRPO turn dropout off)")
+    lora_dropout: float = option(0.0, "LoRA dropout (sft; DPO and GRPO turn dropout off); on a CPU 0.05 costs "
+                                      "a fifth of an SFT step")
     lora_targets: list[str] = option(LORA_TARGETS, "modules LoRA adapts")
     resume: bool = option(False, "continue from the run's last checkpoint")
     out_dir: str | None = option(None, "run folder (default: the data folder's models/NAME)", flag="--out")

@@ -72,9 +72,10 @@ def train(config: TrainConfig, stop_event: StopSignal | None = None,
 def _run(config: TrainConfig, folder: RunFolder, card: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     from fcapp.models.registry import resolve_model_path
     from fcapp.training import dpo, grpo, rounds, sft
-    from fcapp.training.common import load_tokenizer
+    from fcapp.training.common import load_tokenizer, score_trained_positions_only
     from fcapp.trainsets import read_training_file
 
+    score_trained_positions_only()
     tokenizer = load_tokenizer(config.base)
     base_path = card["base_path"] = resolve_model_path(config.base)
     if config.method == "grpo":
