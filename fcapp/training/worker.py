@@ -75,7 +75,8 @@ def _run(config: TrainConfig, folder: RunFolder, card: dict[str, Any]) -> tuple[
     from fcapp.training.common import load_tokenizer, score_trained_positions_only
     from fcapp.trainsets import read_training_file
 
-    score_trained_positions_only()
+    if config.score_trained_only:
+        score_trained_positions_only()
     tokenizer = load_tokenizer(config.base)
     base_path = card["base_path"] = resolve_model_path(config.base)
     if config.method == "grpo":
