@@ -217,7 +217,7 @@ class FolioFormulaTask(_FolTask):
 
     def problems(self) -> list[Problem]:
         if self._problems is None:
-            self._problems = _cached("folio-fol", self._build, self.path.read_bytes())
+            self._problems = _cached(self.name, self._build, self.path.read_bytes())
         return self._problems
 
     def _build(self) -> list[Problem]:
@@ -237,7 +237,7 @@ class FolioFormulaTask(_FolTask):
                 return []
         except ToolError:
             return []
-        rng = random.Random(f"folio-fol:{story_id}")
+        rng = random.Random(f"{self.name}:{story_id}")
         found: dict[str, Problem] = {}
         for kind, shown, conclusion, words_of in self._candidates(rng, words, formulas, parsed):
             try:
@@ -248,12 +248,16 @@ class FolioFormulaTask(_FolTask):
                 continue
             found[label] = Problem(
                 id=f"{self.name}-{story_id}-{len(found)}", task=self.name,
-                question=render_question(shown[0], shown[1], words_of, conclusion), answer=label,
+                question=render_question(shown[0], shown[1], words_of, self.shown_formula(conclusion)), answer=label,
                 meta={"premises": shown[0], "premises_fol": shown[1], "conclusion": words_of,
                       "conclusion_fol": conclusion, "group": story_group(story_id), "kind": kind})
             if len(found) == 3:
                 break
         return sorted(found.values(), key=lambda p: p.id)
+
+    def shown_formula(self, conclusion: str) -> str | None:
+        """The conclusion's formula as the question shows it."""
+        return conclusion
 
     def _candidates(self, rng: random.Random, words: list[str], formulas: list[str], parsed: list[Any]):
         """(kind, (premise words, premise formulas), conclusion formula, conclusion words) to try, shuffled."""
@@ -275,6 +279,49 @@ class FolioFormulaTask(_FolTask):
 
     def demonstration(self) -> tuple[Problem, list[Call]]:
         return _demonstration(self.name)
+
+
+_FUNCTION_WORDS = {"a", "an", "the", "all", "some", "no", "none", "if", "every", "each", "any", "there", "people",
+                   "everyone", "everything", "nobody", "nothing", "someone", "something", "either", "neither", "both"}
+
+
+def _lower_first_word(sentence: str) -> str:
+    """"The cat ..." -> "the cat ..." for a sentence put after "that"; names stay capitalised."""
+    first, _, rest = sentence.partition(" ")
+    return f"{first.lower()} {rest}" if first.lower() in _FUNCTION_WORDS else sentence
+
+
+class FolioWordsTask(FolioFormulaTask):
+    """FOLIO-format practice in writing a conclusion as a formula, built from the shipped FOLIO stories: the
+    conclusion is one of the story's own premise sentences, kept among the premises or taken out of them,
+    as it is or negated ("It is not true that ..."), shown in words only as FOLIO shows its conclusions;
+    the formula (the premise's own, or its negation) is known, so every problem has a verified reference
+    chain, and z3 labels it. A training set for the translation FOLIO asks for, from training stories only
+    (the split is FOLIO's, by story)."""
+
+    name = "folio-nl"
+    description = "FOLIO stories with a conclusion in words drawn from the premises: write it as a formula and check it"
+    require_conclusion_fol = False
+
+    def shown_formula(self, conclusion: str) -> str | None:
+        return None  # in words only: writing the formula is the exercise
+
+    def _candidates(self, rng: random.Random, words: list[str], formulas: list[str], parsed: list[Any]):
+        everything = (words, formulas)
+        out = []
+        for k, (sentence, formula) in enumerate(zip(words, formulas)):
+            rest = (words[:k] + words[k + 1:], formulas[:k] + formulas[k + 1:])
+            negated = f"It is not true that {_lower_first_word(sentence).rstrip('.')}."
+            out += [("premise", everything, formula, sentence), ("premise-removed", rest, formula, sentence),
+                    ("negated", everything, f"¬({formula})", negated), ("negated-removed", rest, f"¬({formula})", negated)]
+        rng.shuffle(out)
+        return out[: self.CANDIDATES]
+
+    def demonstration(self) -> tuple[Problem, list[Call]]:
+        demo, calls = _demonstration(self.name)
+        meta = demo.meta
+        demo.question = render_question(meta["premises"], meta["premises_fol"], meta["conclusion"], None)
+        return demo, calls
 
 
 # ---- generator --------------------------------------------------------------------------------
