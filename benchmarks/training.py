@@ -232,6 +232,24 @@ def render(info: dict[str, str], runs: list[Variant]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run(rows: int = 6, only: str | None = None) -> tuple[dict[str, str], list[Variant]]:
+    """Machine facts and every variant (of `only`'s method, or all), each measured in a run of its own
+    over `rows` GSM8K pairs / SFT examples in a throwaway data folder."""
+    info = machine()
+    with tempfile.TemporaryDirectory(prefix="fcapp-train-bench-") as tmp:
+        folder = Path(tmp)
+        os.environ["FCAPP_HOME"] = str(folder / "home")  # no user functions or models from the real home
+        log(f"building {rows} GSM8K pairs and SFT examples")
+        pairs, examples = build_data(folder, rows)
+        runs = [v for v in variants(rows, rows) if only in (None, v.method)]
+        for index, variant in enumerate(runs):
+            log(f"{variant.method}: {variant.name}")
+            variant.result = run_variant(variant, index, folder, {"dpo": pairs, "sft": examples})
+            log(f"  {variant.result['per_row']:.2f} s per {UNIT[variant.method]}, peak {variant.result['peak'] / GB:.2f} GB")
+    info["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return info, runs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.splitlines()[0])
     parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS.name} as it is")
@@ -242,20 +260,8 @@ def main() -> None:
     if args.launch:
         sys.exit(launch(args.launch))
     began = time.time()
-    info = machine()
-    with tempfile.TemporaryDirectory(prefix="fcapp-train-bench-") as tmp:
-        folder = Path(tmp)
-        os.environ["FCAPP_HOME"] = str(folder / "home")  # no user functions or models from the real home
-        log(f"building {args.rows} GSM8K pairs and SFT examples")
-        pairs, examples = build_data(folder, args.rows)
-        runs = [v for v in variants(args.rows, args.rows) if args.only in (None, v.method)]
-        for index, variant in enumerate(runs):
-            log(f"{variant.method}: {variant.name}")
-            variant.result = run_variant(variant, index, folder, {"dpo": pairs, "sft": examples})
-            log(f"  {variant.result['per_row']:.2f} s per {UNIT[variant.method]}, peak {variant.result['peak'] / GB:.2f} GB")
-    info["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    info, runs = run(args.rows, args.only)
     publish(began, info, lambda info: render(info, runs), RESULTS, not args.no_write)
-
 
 if __name__ == "__main__":
     main()
