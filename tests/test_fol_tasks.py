@@ -12,7 +12,7 @@ import pytest
 
 from fcapp.agent import Agent
 from fcapp.files import DataFileError
-from fcapp.paths import data_dir
+from fcapp.paths import cache_dir
 from fcapp.tasks.base import Problem, Task, split_of
 from fcapp.tasks.fol import FolGenTask, FolioTask, normalise_label
 from fcapp.tools.logic import decide
@@ -235,7 +235,7 @@ def test_generator_is_deterministic(generated: FolGenTask) -> None:
 
 def test_generated_problems_are_cached_and_a_damaged_cache_is_rebuilt() -> None:
     built = FolGenTask(n=12, seed=11).problems()
-    cached = list((data_dir("cache")).glob("fol-12-11-*.json"))
+    cached = list(cache_dir().glob("fol-12-11-*.json"))
     assert len(cached) == 1
     assert FolGenTask(n=12, seed=11).problems() == built  # read back exactly
     cached[0].write_text('[{"id": "fol-11-0", "broken')

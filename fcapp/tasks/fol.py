@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fcapp.files import atomic_write_json, read_jsonl
-from fcapp.paths import data_dir, shipped
+from fcapp.paths import cache_dir, shipped
 from fcapp.records import FINAL_ANSWER, Call
 from fcapp.tasks.base import Problem, Task, split_of
 from fcapp.tools import logic as logic_module
@@ -186,7 +186,7 @@ def _cached(key: str, build: Callable[[], list[Problem]], data: bytes = b"") -> 
     name holds `key` and a hash of this module's and the solver's source (and of `data`, the input file),
     so any change to them builds afresh."""
     source = hashlib.sha256(Path(__file__).read_bytes() + Path(logic_module.__file__).read_bytes() + data).hexdigest()
-    path = data_dir("cache") / f"{key}-{source[:16]}.json"
+    path = cache_dir() / f"{key}-{source[:16]}.json"
     try:
         return [Problem(**record) for record in json.loads(path.read_text(encoding="utf-8"))]
     except (OSError, ValueError, TypeError):  # absent or damaged: build it
