@@ -189,9 +189,13 @@ def build_data(config: TrainConfig, store: Any, target: Path) -> dict[str, Any]:
 def validate(config: TrainConfig) -> dict[str, Any]:
     """Everything checkable before a worker starts: the base model, the task, the data file (rows,
     held-out problems, lengths). Returns a summary: rows in the file and rows that will be used."""
+    from fcapp.models.base import ModelError
     from fcapp.models.registry import resolve_model_path
 
-    base = resolve_model_path(config.base)
+    try:
+        base = resolve_model_path(config.base)
+    except ModelError as exc:
+        raise ValueError(f"base model {config.base!r}: {exc}") from None
     if not (Path(base) / "config.json").is_file():
         raise ValueError(f"base model {config.base!r}: not the embedded model (smollm2), a tuned model "
                          "(fcapp models) or a model folder with a config.json")
