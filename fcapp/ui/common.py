@@ -290,9 +290,3 @@ def safe_upload(temp_path: str | Path, original_name: str | None = None) -> Path
     shutil.copyfile(temp_path, target)
     return target
 
-
-def fmt_seconds(seconds: float | None) -> str:
-    if seconds is None:
-        return "?"
-    seconds = int(round(seconds))
-    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
