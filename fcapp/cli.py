@@ -264,6 +264,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     method = args.method or "dpo"
     name = args.name or (os.path.basename(os.path.normpath(args.out_dir)) if args.out_dir else _default_name(args, method))
+    if args.pair_set and args.data:
+        raise ValueError("give --data FILE or --pair-set NAME, not both")
     config = config_from_args(args, name=name, method=method)
     if args.preview:
         from fcapp.training.job import preview, render_preview

@@ -30,9 +30,9 @@ def next_step(facts: dict[str, Any]) -> dict[str, str]:
                                               "every chain is checked by the verifier and stored."}
     if not pairs["problems"] and not pairs["sets"]:
         if chains["unlabelled"]:
-            return {"action": "label", "text": f"No training problem has both a correct and an incorrect chain "
-                                               f"yet, which a preference pair needs. Label chains (accept a good one, "
-                                               f"reject a bad one), or generate more samples per problem."}
+            return {"action": "label", "text": "No training problem has both a correct and an incorrect chain "
+                                               "yet, which a preference pair needs. Label chains (accept a good one, "
+                                               "reject a bad one), or generate more samples per problem."}
         return {"action": "generate", "text": "No training problem has both a correct and an incorrect chain yet: "
                                               "generate more samples per problem (a higher temperature varies them)."}
     if models["training"]:

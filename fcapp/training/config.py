@@ -57,8 +57,8 @@ class TrainConfig:
                                     "default: built from the store (dpo, sft) or the task (grpo)",
                               methods=("sft", "dpo", "grpo"))
     pair_set: str | None = option(None, "a pair set stored in the database to train on instead of pairs built from "
-                                        "the chains, e.g. one `fcapp pairs --import FILE` made (imported-NAME)",
-                                  methods=("dpo",))
+                                        "the chains, e.g. one `fcapp pairs --import FILE` made (imported-NAME); the "
+                                        "run folder's data.jsonl is written from it", methods=("dpo",))
     sources: list[str] = option(["reference", "teacher", "human"], "the correct chains SFT trains on when built from "
                                 "the store: reference, teacher (verifier-accepted), human (accepted by a person)",
                                 methods=("sft",))
@@ -145,8 +145,8 @@ class TrainConfig:
             raise ValueError(f"method {self.method} needs a task: it trains on the task's training problems")
         if self.method in ("sft", "dpo") and not (self.data or self.task or self.pair_set):
             raise ValueError(f"method {self.method} needs --data FILE or --task TASK (to build it from the store)")
-        if self.pair_set and (self.data or self.method != "dpo"):
-            raise ValueError("--pair-set is the data of a dpo run: give it or --data, not both")
+        if self.pair_set and self.method != "dpo":
+            raise ValueError("--pair-set is the data of a dpo run (sft trains on --sources)")
         if self.method == "grpo" and self.warmup_steps > 0 and not self.warmup_data:
             raise ValueError("a GRPO warm-up trains on SFT examples: give --warmup-data FILE (fcapp examples)")
         if self.method == "grpo" and self.num_generations < 2:

@@ -187,7 +187,8 @@ def build_data(config: TrainConfig, store: Any, target: Path) -> dict[str, Any]:
     if config.method == "sft":
         return make_examples(store, config.tasks, target, tuple(config.sources))
     if config.pair_set:
-        rows = [row for row in store.list_pairs(policy=config.pair_set) if not config.tasks or row["task"] in config.tasks]
+        tasks = (*config.tasks, "unknown")  # an imported row without a task is stored under "unknown"
+        rows = [row for row in store.list_pairs(policy=config.pair_set) if not config.tasks or row["task"] in tasks]
         if not rows:
             stored = ", ".join(store.pair_sets()) or "none"
             raise TrainingDataError(f"pair set {config.pair_set!r} holds no pairs"
