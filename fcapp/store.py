@@ -325,6 +325,12 @@ class Store:
                 return inserted[0][0]
             return conn.execute("SELECT id FROM chains WHERE key = ?", (key,)).fetchone()[0]
 
+    def model_ids(self, task: str | None = None) -> list[str]:
+        """The models that wrote the chains of `task` (all tasks when None), sorted."""
+        rows = self._conn().execute("SELECT DISTINCT model_id FROM chains WHERE ? IS NULL OR task = ? ORDER BY model_id",
+                                    (task, task)).fetchall()
+        return [row[0] for row in rows]
+
     def existing_keys(self, task: str | None = None, model_id: str | None = None) -> set[str]:
         """Generation keys already stored: a resumed job loads them once and skips those chains."""
         rows = self._conn().execute(

@@ -559,6 +559,11 @@ def test_an_imported_pair_set_is_previewed_and_trained_on_and_the_run_survives_a
     page.get_by_text("Worker output").click()
     expect(page.locator("#train-worker-log textarea")).to_have_value(re.compile(r"\S"))
     screenshot(page, "train")
+    open_tab(page, "Solve (live)")  # every model list took the new model, without a reload
+    page.locator("#solve-model input").click()
+    expect(page.locator("[role=option]", has_text=TUNED)).to_be_visible()
+    page.keyboard.press("Escape")
+    open_tab(page, "Train")
 
     data = hashlib.sha256((run / "data.jsonl").read_bytes()).hexdigest()
     page.click("#train-start")  # the same name again: refused with a message, the run's files untouched
@@ -595,11 +600,9 @@ def test_train_tiny_grpo_run_draws_its_reward_chart(page):
 
 # ---- comparing ------------------------------------------------------------------------------------------------
 def test_compare_stops_cleanly_then_solves_side_by_side_and_evaluates(page):
-    from fcapp.models.registry import list_models
-
     open_tab(page, "Compare")
     expect(page.locator("#cmp-model-a input")).to_have_value("smollm2")
-    expect(page.locator("#cmp-model-b input")).to_have_value(list_models()[0]["name"])  # the newest tuned model
+    expect(page.locator("#cmp-model-b input")).to_have_value("tiny-grpo")  # the newest tuned model
     expect(page.locator("#cmp-empty")).to_be_hidden()
     choose(page, "cmp-model-b", TUNED)
     page.click("#cmp-run")  # the default 160 tokens a step: still writing when stopped
@@ -634,9 +637,12 @@ def test_compare_stops_cleanly_then_solves_side_by_side_and_evaluates(page):
     screenshot(page, "compare")
 
 
-def test_overview_counts_every_stage_after_the_walk_through(page):
+def test_overview_counts_every_stage_after_the_walk_through(page, app):
     for stage in ("chains", "pairs", "models", "evaluations"):
         expect(page.locator(f"#ov-{stage}")).not_to_have_attribute("data-n", "0")
     expect(page.locator("#ov-evaluations")).to_have_attribute("data-n", "1")
     expect(page.locator("#ov-next-text")).to_contain_text("Every stage has data")
     screenshot(page, "overview")
+    # every bad input on the way (a broken function, an answer of the wrong form, a taken run name, training
+    # with no data, a problem list behind its task) was a message on the page, not a traceback in the log
+    assert "Traceback" not in (app["home"] / "app.log").read_text(errors="replace")

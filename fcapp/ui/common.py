@@ -138,6 +138,22 @@ class StopSwitches:
 STOPS = StopSwitches()
 
 
+def job_html(job: Any, elem_id: str, idle: str) -> str:
+    """A server job's bar and state in words (fcapp.jobs.Job; `idle` when there is none); data-status,
+    data-done and data-total are for tests and scripts."""
+    import html
+
+    if job is None:
+        return f"<div id='{elem_id}' data-status='none' data-done='0' data-total='0'>{idle}</div>"
+    fraction = job.done / job.total if job.total else (1.0 if job.status == "finished" else 0.0)
+    words = {"waiting": f"Waiting for the model: it is busy with {SLOT.holder() or 'another run'}.",
+             "stopping": f"Stopping after the chains being written ({job.note})."}.get(job.status, job.note)
+    return (f"<div id='{elem_id}' data-status='{job.status}' data-done='{job.done}' data-total='{job.total}'>"
+            f"<div class='fc-bar'><div style='width:{100 * min(fraction, 1):.0f}%'></div></div>"
+            f"<b>{html.escape(job.title)}</b> · {job.status} · {fmt_seconds(job.elapsed_s())}<br>{html.escape(words)}"
+            "</div>")
+
+
 def wait_for_slot(what: str, stop: threading.Event, shown: Callable[[str], dict]) -> Iterator[dict]:
     """Take the model slot for `what`, yielding `shown(words)` while another run holds it; returns True once
     it is held (the caller releases it), False when `stop` was set first. Use as

@@ -4,7 +4,6 @@ again, with charts and the problems where the two differ."""
 
 from __future__ import annotations
 
-import html
 import queue
 import threading
 
@@ -13,9 +12,9 @@ import gradio as gr
 from fcapp import jobs
 from fcapp.models import teachers
 from fcapp.solve import SolveConfig
-from fcapp.ui.common import (EMBEDDED, STOPS, ChainView, Context, chatbot, default_task, fmt_seconds, get_model,
-                             get_problem, model_choices, problem_choices, short, stop_words, task_choices,
-                             verdict_text, wait_for_slot, who)
+from fcapp.ui.common import (EMBEDDED, STOPS, ChainView, Context, chatbot, default_task, get_model, get_problem,
+                             job_html, model_choices, problem_choices, short, stop_words, task_choices, verdict_text,
+                             wait_for_slot, who)
 from fcapp.ui.solve import problem_text, problem_update, stream_chain
 
 SUMMARY_HEADERS = ["model", "accuracy", "95% CI", "valid-call rate", "mean steps", "mean tokens", "latency s",
@@ -77,15 +76,7 @@ def answer_md(view: ChainView, spec: str) -> str:
 
 
 def eval_html(job: jobs.Job | None) -> str:
-    if job is None:
-        return "<div id='cmp-eval-progress-inner' data-status='none'></div>"
-    fraction = job.done / job.total if job.total else (1.0 if job.status == "finished" else 0.0)
-    words = {"waiting": f"Waiting for the model: it is busy with {jobs.SLOT.holder() or 'another run'}.",
-             "stopping": "Stopping after the chains being written…"}.get(job.status, job.note)
-    return (f"<div id='cmp-eval-progress-inner' data-status='{job.status}'>"
-            f"<div class='fc-bar'><div style='width:{100 * min(fraction, 1):.0f}%'></div></div>"
-            f"<b>{html.escape(job.title)}</b> · {job.status} · {fmt_seconds(job.elapsed_s())}<br>{html.escape(words)}"
-            "</div>")
+    return job_html(job, "cmp-eval-progress-inner", "")
 
 
 def build(ctx: Context) -> None:
@@ -213,7 +204,7 @@ def build(ctx: Context) -> None:
             task = gr.Dropdown(list(task_choices()), value=task0, label="Task", elem_id="cmp-task", scale=1)
             initial = problem_choices(task0, "heldout")
             problem = gr.Dropdown(initial, value=initial[0][1] if initial else None, label="Held-out problem",
-                                  elem_id="cmp-problem", scale=3)
+                                  allow_custom_value=True, elem_id="cmp-problem", scale=3)  # see solve-problem
         problem_md = gr.Markdown(problem_text(task0, initial[0][1] if initial else None), elem_id="cmp-problem-text")
         with gr.Row():
             model_a = gr.Dropdown(model_choices(), value=EMBEDDED, allow_custom_value=True, label="Model A (base)",

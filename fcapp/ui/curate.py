@@ -54,7 +54,7 @@ def build(ctx: Context) -> None:
                 f"{c['unverified']} unverified · {c['labelled']} labelled by a person")
 
     def teachers(task: str | None) -> list[str]:
-        return ["any"] + sorted({c["model_id"] for c in store.list_chains(task=task, limit=100000)})
+        return ["any", *store.model_ids(task)]
 
     def table(flt: ChainFilter) -> list[list]:
         return [[r["id"], r["problem_id"], r["model_id"], _mark(r["verdict"]),

@@ -4,30 +4,19 @@ it again, with its progress and its latest chains."""
 
 from __future__ import annotations
 
-import html
-
 import gradio as gr
 
 from fcapp import jobs
 from fcapp.generate import GenerateConfig
-from fcapp.ui.common import EMBEDDED, MODEL_HELP, Context, default_task, fmt_seconds, get_model, model_choices, \
-    task_choices, who
+from fcapp.ui.common import (EMBEDDED, MODEL_HELP, Context, default_task, get_model, job_html, model_choices,
+                             task_choices, who)
 
 HEADERS = ["problem", "verifier", "steps", "answer", "ended"]
 
 
 def progress_html(job: jobs.Job | None) -> str:
-    """The job's bar and state in words; data-status and data-done are for tests and scripts."""
-    if job is None:
-        return ("<div id='gen-progress-inner' data-status='none' data-done='0'>No generation has run since the app "
-                "started. Pick a task and a teacher and press <b>Start generation</b>.</div>")
-    fraction = job.done / job.total if job.total else (1.0 if job.status == "finished" else 0.0)
-    words = {"waiting": f"Waiting for the model: it is busy with {jobs.SLOT.holder() or 'another run'}.",
-             "stopping": f"Stopping after the chains being written ({job.note})."}.get(job.status, job.note)
-    head = f"<b>{html.escape(job.title)}</b> · {job.status} · {fmt_seconds(job.elapsed_s())}"
-    return (f"<div id='gen-progress-inner' data-status='{job.status}' data-done='{job.done}' data-total='{job.total}'>"
-            f"<div class='fc-bar'><div style='width:{100 * min(fraction, 1):.0f}%'></div></div>"
-            f"{head}<br>{html.escape(words)}</div>")
+    return job_html(job, "gen-progress-inner", "No generation has run since the app started. Pick a task and a "
+                                               "teacher and press <b>Start generation</b>.")
 
 
 def build(ctx: Context) -> None:

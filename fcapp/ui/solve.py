@@ -120,8 +120,10 @@ def build(ctx: Context) -> None:
             task = gr.Dropdown(list(task_choices()), value=default_task(), label="Task", elem_id="solve-task", scale=1)
             split = gr.Radio(["heldout", "train"], value="heldout", label="Split", elem_id="solve-split", scale=1)
             initial = problem_choices(default_task(), "heldout")
+            # a value the list no longer holds (the task was just switched) reaches the handler, which solves the
+            # first problem of the new list instead of failing
             problem_dd = gr.Dropdown(initial, value=initial[0][1] if initial else None, label="Problem",
-                                     elem_id="solve-problem", scale=3)
+                                     allow_custom_value=True, elem_id="solve-problem", scale=3)
         problem_md = gr.Markdown(problem_text(default_task(), initial[0][1] if initial else None),
                                  elem_id="solve-problem-text")
         with gr.Accordion("…or type your own problem", open=False):
