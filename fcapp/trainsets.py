@@ -305,13 +305,14 @@ def load_pair_file(path: str | Path) -> list[dict[str, Any]]:
     return [{k: row.get(k) for k in (*COLUMNS["pairs"], *EXTRA_KEYS)} for row in read_training_file(path, "pairs")]
 
 
-def import_pairs(path: str | Path, store: Store, policy: str | None = None) -> dict[str, Any]:
+def import_pairs(path: str | Path, store: Store, policy: str | None = None, file_name: str | None = None) -> dict[str, Any]:
     """Store a preference file's rows as a pair set of its own (all rows validated first: a bad file changes
-    nothing), named `imported-<file stem>` unless `policy` is given; an existing set of that name is never
-    replaced (the name gets a number). Returns {"pairs", "policy", "tasks"}."""
+    nothing), named `imported-<file stem>` (of `file_name` when given: an upload's original name) unless
+    `policy` is given; an existing set of that name is never replaced (the name gets a number). Returns
+    {"pairs", "policy", "tasks"}."""
     rows = load_pair_file(path)
-    existing = {p["policy"] for p in store.list_pairs()}
-    base = policy or f"imported-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(path).stem)[:60]}"
+    existing = set(store.pair_sets())
+    base = policy or f"imported-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(file_name or path).stem)[:60]}"
     name, n = base, 2
     while name in existing:
         name, n = f"{base}-{n}", n + 1

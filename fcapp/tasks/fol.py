@@ -101,6 +101,13 @@ class _FolTask(Task):
     def verify(self, problem: Problem, answer: str | None) -> bool:
         return normalise_label(answer) == problem.answer
 
+    def check_answer(self, answer: str) -> str:
+        """A logic answer is one of True, False, Unknown (any case); returned in its normal form."""
+        label = normalise_label(super().check_answer(answer))
+        if label is None:
+            raise ValueError(f"a {self.name} answer is True, False or Unknown, not {answer.strip()[:40]!r}")
+        return label
+
     def reference_calls(self, problem: Problem) -> list[Call] | None:
         """check(conclusion) then the label, when the conclusion's FOL exists and z3 agrees with the label."""
         conclusion_fol = problem.meta.get("conclusion_fol")

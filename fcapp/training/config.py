@@ -56,6 +56,12 @@ class TrainConfig:
     data: str | None = option(None, "training file: preference pairs (dpo), SFT examples (sft), prompts (grpo); "
                                     "default: built from the store (dpo, sft) or the task (grpo)",
                               methods=("sft", "dpo", "grpo"))
+    pair_set: str | None = option(None, "a pair set stored in the database to train on instead of pairs built from "
+                                        "the chains, e.g. one `fcapp pairs --import FILE` made (imported-NAME); the "
+                                        "run folder's data.jsonl is written from it", methods=("dpo",))
+    sources: list[str] = option(["reference", "teacher", "human"], "the correct chains SFT trains on when built from "
+                                "the store: reference, teacher (verifier-accepted), human (accepted by a person)",
+                                methods=("sft",))
     task: str | None = option(None, "task(s), comma-separated: what the data is built from when --data is not "
                                     "given; grpo and rounds train on its training split")
     base: str = option("smollm2", "model to start from: smollm2 (embedded), a tuned model's name, a folder")
@@ -142,8 +148,10 @@ class TrainConfig:
             raise ValueError("set epochs > 0 or max_steps > 0")
         if self.method in ("grpo", "rounds") and not self.task:
             raise ValueError(f"method {self.method} needs a task: it trains on the task's training problems")
-        if self.method in ("sft", "dpo") and not (self.data or self.task):
+        if self.method in ("sft", "dpo") and not (self.data or self.task or self.pair_set):
             raise ValueError(f"method {self.method} needs --data FILE or --task TASK (to build it from the store)")
+        if self.pair_set and self.method != "dpo":
+            raise ValueError("--pair-set is the data of a dpo run (sft trains on --sources)")
         if self.method == "grpo" and self.warmup_steps > 0 and not self.warmup_data:
             raise ValueError("a GRPO warm-up trains on SFT examples: give --warmup-data FILE (fcapp examples)")
         if self.method == "grpo" and self.num_generations < 2:

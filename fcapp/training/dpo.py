@@ -21,14 +21,19 @@ from fcapp.training.folder import RunFolder
 COLUMNS = ("prompt", "chosen", "rejected")
 
 
-def fitting_pairs(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[dict[str, Any]]:
-    """The pairs as trained (prompt with or without the demo) whose longer side fits max_length."""
+def pair_lengths(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> tuple[list[dict[str, Any]], list[int]]:
+    """The pairs as trained (prompt with or without the demo), and the tokens of each one's longer side."""
     def length(messages: list[dict[str, Any]]) -> int:
         return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
     pairs = [{"prompt": training_prompt(r["prompt"], config.demo), "chosen": r["chosen"], "rejected": r["rejected"],
               "_where": r["_where"]} for r in rows]
-    lengths = [max(length(p["prompt"] + p["chosen"]), length(p["prompt"] + p["rejected"])) for p in pairs]
+    return pairs, [max(length(p["prompt"] + p["chosen"]), length(p["prompt"] + p["rejected"])) for p in pairs]
+
+
+def fitting_pairs(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[dict[str, Any]]:
+    """The pairs as trained whose longer side fits max_length."""
+    pairs, lengths = pair_lengths(rows, tokenizer, config)
     kept = fit_length([p["_where"] for p in pairs], lengths, config.max_length, config.drop_too_long, "pair(s)")
     return [pairs[i] for i in kept]
 

@@ -15,10 +15,15 @@ from fcapp.training.packing import PackedCollator, pack
 from fcapp.training.tokens import tokenize_chain
 
 
+def example_tokens(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[Any]:
+    """Each row (prompt, completion) tokenized as trained (prompt with or without the demo)."""
+    return [tokenize_chain(tokenizer, training_prompt(row["prompt"], config.demo), row["completion"]) for row in rows]
+
+
 def tokenized_examples(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[dict[str, Any]]:
     """Rows (prompt, completion) as SFTTrainer's pre-tokenized rows: input_ids and assistant_masks.
     Rows over max_length are refused (or dropped with drop_too_long), never truncated."""
-    tokens = [tokenize_chain(tokenizer, training_prompt(row["prompt"], config.demo), row["completion"]) for row in rows]
+    tokens = example_tokens(rows, tokenizer, config)
     kept = fit_length([row["_where"] for row in rows], [t.length for t in tokens], config.max_length,
                       config.drop_too_long, "SFT examples")
     return [{"input_ids": tokens[i].prompt_ids + tokens[i].completion_ids, "assistant_masks": tokens[i].assistant_masks}
