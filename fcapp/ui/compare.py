@@ -84,12 +84,12 @@ def build(ctx: Context) -> None:
 
     def run(task, problem_id, spec_a, spec_b, max_steps, max_new, request: gr.Request):
         try:
-            task_obj, problem = get_problem(task, problem_id, split="heldout")
+            task_obj, picked = get_problem(task, problem_id, split="heldout")
         except (ValueError, KeyError) as exc:
             yield {chat_a: [], chat_b: [], answer_a: f"✗ {exc.args[0] if exc.args else exc}", answer_b: ""}
             return
         specs = {"a": (spec_a or EMBEDDED).strip(), "b": (spec_b or EMBEDDED).strip()}
-        views = {side: ChainView(problem.question, problem.answer) for side in specs}
+        views = {side: ChainView(picked.question, picked.answer) for side in specs}
         stop = STOPS.begin(request, "compare")
 
         def drawn(note_a: str | None = None, note_b: str | None = None) -> dict:
@@ -97,10 +97,10 @@ def build(ctx: Context) -> None:
                     answer_a: note_a or answer_md(views["a"], specs["a"]),
                     answer_b: note_b or answer_md(views["b"], specs["b"])}
 
-        yield drawn("starting…", "starting…") | {problem: gr.update(value=problem.id),
-                                                 problem_md: problem_text(task, problem.id),
+        yield drawn("starting…", "starting…") | {problem: gr.update(value=picked.id),
+                                                 problem_md: problem_text(task, picked.id),
                                                  run_btn: gr.update(interactive=False)}
-        held = yield from wait_for_slot(f"Compare: {short(problem.id, 30)}, {specs['a']} vs {specs['b']} for "
+        held = yield from wait_for_slot(f"Compare: {short(picked.id, 30)}, {specs['a']} vs {specs['b']} for "
                                         f"{who(request)}", stop, lambda words: {answer_a: words, answer_b: ""})
         try:
             if not held:
@@ -113,7 +113,7 @@ def build(ctx: Context) -> None:
                 yield {answer_a: f"✗ {exc}", answer_b: f"✗ {exc}", run_btn: gr.update(interactive=True)}
                 return
             config = SolveConfig(int(max_steps), 0.0, 1.0, int(max_new), 0)
-            for _ in side_by_side(task_obj, problem, models, config, views, stop):
+            for _ in side_by_side(task_obj, picked, models, config, views, stop):
                 yield drawn()
         finally:
             if held:
