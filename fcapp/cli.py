@@ -12,7 +12,7 @@ from typing import Callable
 
 from fcapp.export import GGUF_TYPES
 from fcapp.models.registry import EMBEDDED
-from fcapp.records import Event
+from fcapp.records import Event, stop_words
 
 
 def _print(text: str = "", end: str = "\n") -> None:
@@ -83,7 +83,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
     verdict = {True: "correct", False: "incorrect", None: "no ground truth"}[chain.verdict]
     _print(f"\nAnswer: {chain.answer}   expected: {problem.answer or '-'}   verdict: {verdict}")
     _print(f"({len(chain.steps)} steps, {chain.valid_calls} valid calls, {chain.completion_tokens} tokens, "
-           f"{chain.elapsed_s:.1f} s, stop: {chain.stop_reason})")
+           f"{chain.elapsed_s:.1f} s; {stop_words(chain.stop_reason)})")
     return 0
 
 
@@ -264,8 +264,62 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     method = args.method or "dpo"
     name = args.name or (os.path.basename(os.path.normpath(args.out_dir)) if args.out_dir else _default_name(args, method))
+    if args.pair_set and args.data:
+        raise ValueError("give --data FILE or --pair-set NAME, not both")
     config = config_from_args(args, name=name, method=method)
+    if args.preview:
+        from fcapp.training.job import preview, render_preview
+
+        facts = preview(config, _store(args))
+        _print(json.dumps({k: v for k, v in facts.items() if k != "lengths"}, indent=2) if args.json
+               else render_preview(facts))
+        return 0
     return _follow(start_training(config, _store(args) if args.db else None), config)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from fcapp.pipeline import overview, render
+    from fcapp.tasks import task_names
+
+    store = _store(args)
+    facts = [overview(store, task) for task in ([args.task] if args.task else task_names())]
+    _print(json.dumps(facts, indent=2) if args.json else "\n\n".join(render(f) for f in facts))
+    return 0
+
+
+def cmd_label(args: argparse.Namespace) -> int:
+    from fcapp import curation
+
+    store = _store(args)
+    who = args.who or os.environ.get("USER") or "cli"
+    if args.undo:
+        chains = curation.undo(store, args.undo, who)
+        _print(f"took back {len(chains)} label(s) of {who} (chains {', '.join(map(str, chains)) or 'none'})")
+        return 0
+    if args.agreement:
+        rows = curation.agreement(store, args.task)
+        for row in rows:
+            kappa = "-" if row["kappa"] is None else f"{row['kappa']:.2f}"
+            _print(f"{' and '.join(row['annotators'])}: {row['chains']} chains labelled by both, agree on "
+                   f"{row['agree']} ({row['agree'] / row['chains']:.0%}), Cohen's kappa {kappa}")
+        if not rows:
+            _print("no chain has labels from two people yet")
+        return 0
+    if args.bulk:
+        flt = curation.ChainFilter(task=args.task, model_id=args.teacher, problem_id=args.problem)
+        targets = curation.bulk_targets(store, flt, args.bulk)
+        if not args.yes:
+            _print(f"{args.bulk} would label {len(targets)} chains as {who}; add --yes to do it")
+            return 0
+        done = curation.bulk_label(store, flt, args.bulk, who, expected=len(targets))
+    elif args.answer is not None:
+        done = curation.edit_answer(store, args.chain, args.answer, who)
+    elif args.chain is not None and args.value:
+        done = curation.label(store, args.chain, args.value, who)
+    else:
+        raise ValueError("label needs CHAIN accept|reject, CHAIN --answer TEXT, --bulk ACTION, --undo ID, or --agreement")
+    _print(done.message + (f" (undo: fcapp label --undo {' '.join(map(str, done.label_ids))})" if done.label_ids else ""))
+    return 0
 
 
 def cmd_improve(args: argparse.Namespace) -> int:
@@ -411,7 +465,34 @@ def build_parser() -> argparse.ArgumentParser:
                    help="training file: preference pairs (dpo) or SFT examples (sft); default: built from the "
                         "store's chains of --task")
     p.add_argument("--db", help="SQLite store the data is built from (default: the data folder's)")
+    p.add_argument("--preview", action="store_true",
+                   help="show what the run would train on (rows, token lengths, steps, estimated time) and stop")
+    p.add_argument("--json", action="store_true", help="with --preview: print it as JSON")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("status", help="where each task stands: problems, chains, pairs, tuned models, evaluations, "
+                                      "and the next step")
+    p.add_argument("--task", help="one task (default: every task)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("label", help="label stored chains: accept / reject / edit one, bulk actions, undo, agreement")
+    p.add_argument("chain", nargs="?", type=int, help="chain id")
+    p.add_argument("value", nargs="?", choices=["accept", "reject"])
+    p.add_argument("--answer", help="edit the chain's final answer instead (checked by the task, re-verified)")
+    p.add_argument("--bulk", choices=["accept-verified", "reject-failed"],
+                   help="label every unlabelled chain of --task (and --teacher / --problem) the verifier found "
+                        "correct (accept-verified) or incorrect (reject-failed)")
+    p.add_argument("--yes", action="store_true", help="with --bulk: do it (without: only count)")
+    p.add_argument("--undo", type=int, nargs="+", metavar="LABEL_ID", help="take back labels you gave")
+    p.add_argument("--agreement", action="store_true", help="agreement between people who labelled the same chains")
+    p.add_argument("--task")
+    p.add_argument("--teacher")
+    p.add_argument("--problem")
+    p.add_argument("--who", help="your name in the label history (default: $USER)")
+    p.add_argument("--db")
+    p.set_defaults(func=cmd_label)
 
     p = sub.add_parser("improve", help="iterative rounds: sample with the current model, verify, train, evaluate")
     add_arguments(p, methods=("rounds",), skip=("method", "data", "warmup_steps", "warmup_data"))

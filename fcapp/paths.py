@@ -1,4 +1,5 @@
-"""Where fcapp finds its files: the data it ships, and one user data folder (overridable with $FCAPP_HOME)."""
+"""Where fcapp finds its files: the data it ships, one user data folder (overridable with $FCAPP_HOME)
+and a cache of files derived from the shipped data (overridable with $FCAPP_CACHE)."""
 
 from __future__ import annotations
 
@@ -36,6 +37,16 @@ def data_dir(name: str) -> Path:
     path = data_home() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def cache_dir() -> Path:
+    """$FCAPP_CACHE, else $XDG_CACHE_HOME/fcapp, else ~/.cache/fcapp (created on demand): derived files
+    named by a hash of what they are derived from, so every data home (each test's, each user's) can
+    share them and a stale one is never read."""
+    root = Path(os.environ.get("FCAPP_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "fcapp")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
 
 
 def models_dir() -> Path:

@@ -14,6 +14,22 @@ Message = dict[str, Any]
 
 FINAL_ANSWER = "final_answer"
 
+# Why a chain ended, in the words people read (the CLI, the app, the job tables).
+STOP_WORDS = {"answer": "gave a final answer", "max_steps": "reached the step limit",
+              "errors": "too many invalid replies in a row", "running": "stopped before the end"}
+
+
+def stop_words(stop_reason: str) -> str:
+    return STOP_WORDS.get(stop_reason, stop_reason.replace("_", " "))
+
+
+def fmt_seconds(seconds: float | None) -> str:
+    """A duration as people say it: "42 s", "3 min 05 s"."""
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
 EventKind = Literal["step", "token", "call", "result", "error", "answer", "done"]
 """step: a model reply starts; token: streamed text; call: a parsed call; result / error: what the
 call gave; answer: the final answer; done: the chain ended (the event carries it)."""

@@ -112,14 +112,14 @@ def reference_chain(task: Task, problem: Problem) -> Chain | None:
 def edit_final_answer(record: dict, answer: str) -> Chain:
     """A stored chain with its final answer corrected by a person, re-verified against the ground truth.
 
-    The last final_answer step gets the new argument (or one is appended); verdict is None for a
-    problem without ground truth."""
+    The answer must have the task's form (Task.check_answer: a number for GSM8K, True / False / Unknown
+    for logic; ValueError otherwise). The last final_answer step gets the new argument (or one is
+    appended); verdict is None for a problem without ground truth."""
     from fcapp.tasks import get_task
 
-    answer = answer.strip()
-    if not answer:
-        raise ValueError("type the corrected final answer")
     chain = Chain.from_dict(record)
+    task = get_task(chain.task)
+    answer = task.check_answer(answer)
     text = render_call(FINAL_ANSWER, {"answer": answer})
     last = chain.steps[-1] if chain.steps else None
     if last is not None and last.call is not None and last.call.name == FINAL_ANSWER:
@@ -128,7 +128,6 @@ def edit_final_answer(record: dict, answer: str) -> Chain:
     else:
         chain.steps.append(Step(len(chain.steps), text, Call(FINAL_ANSWER, {"answer": answer}), f"Final answer: {answer}"))
     chain.answer, chain.stop_reason, chain.verdict = answer, "answer", None
-    task = get_task(chain.task)
     try:
         problem = task.get(chain.problem_id)
     except KeyError:  # a typed-in problem: nothing to verify against

@@ -161,6 +161,7 @@ MIGRATIONS: list[str] = [_V1_CORE, _V2_TRAINING]
 SCHEMA_VERSION = len(MIGRATIONS)
 
 _SUMMARY_COLUMNS = """id, key, task, problem_id, question, model_id, role, seed, sample, sampling, answer,
+    COALESCE(json_extract(edited_record, '$.answer'), answer) AS effective_answer,
     verdict, label, labelled_by, labelled_at, effective_verdict, stop_reason, steps, valid_calls,
     prompt_tokens, completion_tokens, elapsed_s, reference, created_at"""
 _FULL_COLUMNS = _SUMMARY_COLUMNS + ", record, edited_record"
@@ -324,6 +325,12 @@ class Store:
                 return inserted[0][0]
             return conn.execute("SELECT id FROM chains WHERE key = ?", (key,)).fetchone()[0]
 
+    def model_ids(self, task: str | None = None) -> list[str]:
+        """The models that wrote the chains of `task` (all tasks when None), sorted."""
+        rows = self._conn().execute("SELECT DISTINCT model_id FROM chains WHERE ? IS NULL OR task = ? ORDER BY model_id",
+                                    (task, task)).fetchall()
+        return [row[0] for row in rows]
+
     def existing_keys(self, task: str | None = None, model_id: str | None = None) -> set[str]:
         """Generation keys already stored: a resumed job loads them once and skips those chains."""
         rows = self._conn().execute(
@@ -334,7 +341,8 @@ class Store:
 
     def get_chain(self, chain_id: int) -> dict[str, Any] | None:
         """Summary fields + `record` (the Chain as stored), `edited_record` (when the current label is
-        'edited'), `effective_record` (the one to train on), `label` and `effective_verdict`."""
+        'edited'), `effective_record` (the one to train on), `label`, `effective_verdict` and
+        `effective_answer` (the edited answer, else the chain's)."""
         row = self._conn().execute(f"SELECT {_FULL_COLUMNS} FROM chain_state WHERE id = ?", (chain_id,)).fetchone()
         return _full(row) if row else None
 
@@ -396,6 +404,56 @@ class Store:
             except sqlite3.IntegrityError:
                 raise KeyError(f"no chain {chain_id}") from None
             return cursor.lastrowid  # type: ignore[return-value]
+
+    def label_chains(self, chain_ids: Iterable[int], label: str, who: str) -> list[int]:
+        """Give every chain of `chain_ids` the same accept / reject label in one transaction (all or none);
+        returns the label ids (in the order of `chain_ids`)."""
+        if label not in ("accept", "reject"):
+            raise ValueError(f"a bulk label is accept or reject, not {label!r}")
+        now = time.time()
+        with self._write() as conn:
+            try:
+                return [conn.execute("INSERT INTO labels (chain_id, label, who, at) VALUES (?, ?, ?, ?)",
+                                     (chain_id, label, who, now)).lastrowid for chain_id in chain_ids]
+            except sqlite3.IntegrityError:
+                raise KeyError("a chain to label does not exist (deleted meanwhile?); nothing was labelled") from None
+
+    def remove_labels(self, label_ids: Iterable[int], who: str) -> list[int]:
+        """Undo: delete the labels `label_ids` that `who` gave (another person's are left alone), so each chain
+        is back to the label it had before; returns the chains whose labels went."""
+        ids = list(label_ids)
+        if not ids:
+            return []
+        with self._write() as conn:
+            rows = conn.execute(f"DELETE FROM labels WHERE who = ? AND id IN ({', '.join('?' * len(ids))}) "
+                                "RETURNING chain_id", (who, *ids)).fetchall()
+        return sorted({row[0] for row in rows})
+
+    def annotator_labels(self, task: str | None = None, chain_ids: Iterable[int] | None = None) -> list[dict[str, Any]]:
+        """Each person's current label of each chain (their latest one): chain_id, who, label, verdict (the
+        verdict the label gives: accept 1, reject 0, an edit its re-verified verdict), label_id."""
+        ids = None if chain_ids is None else list(chain_ids)
+        where = "" if ids is None else f" AND l.chain_id IN ({', '.join('?' * len(ids))})"
+        rows = self._conn().execute(
+            f"""SELECT l.id AS label_id, l.chain_id, l.who, l.label,
+                       CASE l.label WHEN 'accept' THEN 1 WHEN 'reject' THEN 0 ELSE l.edited_verdict END AS verdict
+                FROM labels AS l JOIN chains AS c ON c.id = l.chain_id
+                WHERE l.id IN (SELECT MAX(id) FROM labels GROUP BY chain_id, who)
+                  AND (? IS NULL OR c.task = ?){where}
+                ORDER BY l.chain_id, l.who""",
+            (task, task, *(ids or [])),
+        ).fetchall()
+        return [dict(row) | {"verdict": _bool(row["verdict"])} for row in rows]
+
+    def version(self) -> tuple[int, ...]:
+        """Changes whenever a chain, label, pair or evaluation is added or removed, by any process: what a
+        live view polls to know it must draw again."""
+        return tuple(self._conn().execute(
+            """SELECT (SELECT COALESCE(MAX(id), 0) FROM chains), (SELECT COUNT(*) FROM chains),
+                      (SELECT COALESCE(MAX(seq), 0) FROM sqlite_sequence WHERE name = 'labels'),
+                      (SELECT COUNT(*) FROM labels),
+                      (SELECT COALESCE(MAX(id), 0) FROM pairs), (SELECT COUNT(*) FROM pairs),
+                      (SELECT COALESCE(MAX(id), 0) FROM evals), (SELECT COUNT(*) FROM evals)""").fetchone())
 
     def counts(self, task: str | None = None) -> dict[str, Any]:
         """Totals and a per-task breakdown: chains, correct / incorrect / unverified (effective
@@ -464,6 +522,13 @@ class Store:
         ).fetchall()
         return [_decoded(row, "prompt", "chosen", "rejected", "tools") for row in rows]
 
+    def pair_sets(self, task: str | None = None) -> dict[str, int]:
+        """Stored pair sets (policy name -> pairs) of `task` (all tasks when None), by name."""
+        rows = self._conn().execute(
+            "SELECT policy, COUNT(*) FROM pairs WHERE ? IS NULL OR task = ? GROUP BY policy ORDER BY policy",
+            (task, task)).fetchall()
+        return {row[0]: row[1] for row in rows}
+
     # ---- evaluations -----------------------------------------------------------------------------
     def add_eval(self, task: str, models: list[Any], config: dict[str, Any], results: dict[str, Any]) -> int:
         with self._write() as conn:
@@ -475,6 +540,9 @@ class Store:
     def get_eval(self, eval_id: int) -> dict[str, Any] | None:
         row = self._conn().execute("SELECT * FROM evals WHERE id = ?", (eval_id,)).fetchone()
         return _decoded(row, "models", "config", "results") if row else None
+
+    def count_evals(self, task: str | None = None) -> int:
+        return self._conn().execute("SELECT COUNT(*) FROM evals WHERE ? IS NULL OR task = ?", (task, task)).fetchone()[0]
 
     def list_evals(self, task: str | None = None, limit: int = 100) -> list[dict[str, Any]]:
         """Evaluations, newest first."""

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fcapp.files import DataFileError, atomic_write, atomic_write_text, read_jsonl
-from fcapp.records import Chain, Message
+from fcapp.records import FINAL_ANSWER, Chain, Message
 from fcapp.store import Store
 
 Kind = Literal["pairs", "sft"]
@@ -228,11 +228,25 @@ def chain_source(chain: dict[str, Any]) -> str:
     return "reference" if chain["reference"] else "teacher"
 
 
+def grounded(task: str, record: dict[str, Any]) -> bool:
+    """Whether a chain's final answer is what its last tool call returned (by the task's own verifier): an
+    answer the chain worked out, not a right guess that its calls contradict (a 1-in-3 chance on FOL)."""
+    from fcapp.tasks import get_task
+    from fcapp.tasks.base import Problem
+
+    chain = Chain.from_dict(record)
+    results = [s.result for s in chain.steps if s.result is not None and s.call and s.call.name != FINAL_ANSWER]
+    if not results or chain.answer is None:
+        return False
+    return get_task(task).verify(Problem("tool-result", task, "", str(results[-1])), chain.answer)
+
+
 def build_examples(store: Store, task: str, sources: tuple[str, ...] = SFT_SOURCES, max_per_problem: int = 4,
-                   model_ids: set[str] | None = None) -> list[dict[str, Any]]:
+                   model_ids: set[str] | None = None, grounded_only: bool = False) -> list[dict[str, Any]]:
     """SFT examples: the correct chains of `task` (effective verdict), distinct completions, at most
     `max_per_problem` per problem, from the given sources (reference / teacher / human) and, when
-    given, `model_ids`. Held-out problems are left out."""
+    given, `model_ids`; with `grounded_only`, only chains whose answer their last tool result gives
+    (see `grounded`). Held-out problems are left out."""
     unknown = set(sources) - set(SFT_SOURCES)
     if unknown:
         raise ValueError(f"unknown SFT source(s) {', '.join(sorted(unknown))}; choose from {', '.join(SFT_SOURCES)}")
@@ -243,6 +257,8 @@ def build_examples(store: Store, task: str, sources: tuple[str, ...] = SFT_SOURC
             if not chain["effective_verdict"] or chain_source(chain) not in sources:
                 continue
             record = chain["effective_record"]
+            if grounded_only and not grounded(task, record):
+                continue
             completion = _completion(record)
             fingerprint = _fingerprint(record["prompt"] + completion)
             if fingerprint in seen or len(seen) >= max_per_problem:
@@ -289,13 +305,14 @@ def load_pair_file(path: str | Path) -> list[dict[str, Any]]:
     return [{k: row.get(k) for k in (*COLUMNS["pairs"], *EXTRA_KEYS)} for row in read_training_file(path, "pairs")]
 
 
-def import_pairs(path: str | Path, store: Store, policy: str | None = None) -> dict[str, Any]:
+def import_pairs(path: str | Path, store: Store, policy: str | None = None, file_name: str | None = None) -> dict[str, Any]:
     """Store a preference file's rows as a pair set of its own (all rows validated first: a bad file changes
-    nothing), named `imported-<file stem>` unless `policy` is given; an existing set of that name is never
-    replaced (the name gets a number). Returns {"pairs", "policy", "tasks"}."""
+    nothing), named `imported-<file stem>` (of `file_name` when given: an upload's original name) unless
+    `policy` is given; an existing set of that name is never replaced (the name gets a number). Returns
+    {"pairs", "policy", "tasks"}."""
     rows = load_pair_file(path)
-    existing = {p["policy"] for p in store.list_pairs()}
-    base = policy or f"imported-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(path).stem)[:60]}"
+    existing = set(store.pair_sets())
+    base = policy or f"imported-{re.sub(r'[^A-Za-z0-9._-]+', '-', Path(file_name or path).stem)[:60]}"
     name, n = base, 2
     while name in existing:
         name, n = f"{base}-{n}", n + 1

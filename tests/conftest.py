@@ -1,4 +1,4 @@
-"""Shared fixtures. Every test run gets its own data folder; the embedded model loads once."""
+"""Shared fixtures. Every test run gets its own data folder and cache; the embedded model loads once."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from typing import Any, Iterator
 import pytest
 
 os.environ["FCAPP_HOME"] = tempfile.mkdtemp(prefix="fcapp-test-home-")
+# one cache of derived task files (z3-labelled problems) for the run and the app servers it starts
+os.environ["FCAPP_CACHE"] = tempfile.mkdtemp(prefix="fcapp-test-cache-")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")

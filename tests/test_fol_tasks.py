@@ -12,7 +12,7 @@ import pytest
 
 from fcapp.agent import Agent
 from fcapp.files import DataFileError
-from fcapp.paths import data_dir
+from fcapp.paths import cache_dir
 from fcapp.tasks.base import Problem, Task, split_of
 from fcapp.tasks.fol import FolGenTask, FolioTask, normalise_label
 from fcapp.tools.logic import decide
@@ -235,7 +235,7 @@ def test_generator_is_deterministic(generated: FolGenTask) -> None:
 
 def test_generated_problems_are_cached_and_a_damaged_cache_is_rebuilt() -> None:
     built = FolGenTask(n=12, seed=11).problems()
-    cached = list((data_dir("cache")).glob("fol-12-11-*.json"))
+    cached = list(cache_dir().glob("fol-12-11-*.json"))
     assert len(cached) == 1
     assert FolGenTask(n=12, seed=11).problems() == built  # read back exactly
     cached[0].write_text('[{"id": "fol-11-0", "broken')
@@ -311,3 +311,23 @@ def test_generated_demonstration(generated: FolGenTask) -> None:
     assert calls[0].arguments == {"conclusion": problem.meta["conclusion_fol"]}
     assert generated.verify(problem, _replay(generated, problem))
     assert len(problem.question) < 600  # short enough for a small model's context
+
+
+def test_folio_in_words_practice_hides_the_formula_its_reference_chain_checks(folio: FolioTask) -> None:
+    """folio-nl: a premise sentence (kept, taken out, or negated) as the conclusion, in words only as FOLIO
+    shows it; its formula is known, so the reference chain checks it and the verifier accepts it."""
+    from fcapp.tasks import get_task
+
+    task = get_task("folio-nl")
+    problems = task.problems()
+    assert {p.answer for p in problems} == {"True", "False", "Unknown"}
+    assert {p.meta["kind"] for p in problems} == {"premise", "premise-removed", "negated", "negated-removed"}
+    folio_splits = {p.meta["group"]: p.split for p in folio.problems()}
+    assert all(folio_splits.get(p.meta["group"], p.split) == p.split for p in problems)
+    for problem in problems[::60]:
+        assert problem.meta["conclusion_fol"] not in problem.question.split("Conclusion:")[1]
+        assert "Write the conclusion as a formula" in problem.question
+        assert decide(problem.meta["premises_fol"], problem.meta["conclusion_fol"]) == problem.answer
+        assert task.verify(problem, _replay(task, problem))
+    negated = next(p for p in problems if p.meta["kind"] == "negated")
+    assert negated.meta["conclusion"].startswith("It is not true that ") and negated.answer == "False"

@@ -71,3 +71,31 @@ def test_examples_of_different_tasks_are_never_packed_together(tokenizer):
     packs = pack(rows, per_pack=4)
     assert sorted(len(p["segments"]) - 1 for p in packs) == [2, 2]
     assert all(p["segments"][0] > 200 for p in packs)
+
+
+def test_scoring_only_the_trained_positions_gives_the_log_probs_of_trls_dense_path(tokenizer):
+    """The worker makes TRL's fused LM head score only the positions it trains on (as TRL does on Triton
+    devices); on a CPU that is much faster, and the log-probs must be exactly those of TRL's own dense pass."""
+    import trl.trainer.utils as trl_utils
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from fcapp.models.registry import resolve_model_path
+    from fcapp.training.common import score_trained_positions_only
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"), dtype=torch.float32)
+    add_fused_lm_head(model)
+    rows = examples(tokenizer, [("fol", "fol-0-0"), ("fol", "fol-0-1")])
+    [packed] = pack(rows, per_pack=2)
+    labels = [t if m else -100 for t, m in zip(packed["input_ids"], packed["assistant_masks"])]
+    batch = PackedCollator(0)([packed | {"labels": labels}])
+    dense_decision = trl_utils._use_triton
+    with torch.no_grad():
+        dense = model(**batch, fused_lm_head=True).log_probs
+        score_trained_positions_only()
+        try:
+            compact = model(**batch, fused_lm_head=True).log_probs
+        finally:
+            trl_utils._use_triton = dense_decision
+    assert int((dense != 0).sum()) == sum(packed["assistant_masks"])
+    assert torch.allclose(dense, compact, atol=1e-5)

@@ -517,8 +517,12 @@ def test_the_sandbox_shows_the_interpreter_read_only_and_nothing_of_the_app(tmp_
             "    except OSError:\n        wrote = False\n"
             "    return {'wrote': wrote, 'uid': os.getuid(), 'visible': [p for p in kw['paths'] if os.path.exists(p)],"
             " 'pids': sorted(int(p) for p in os.listdir('/proc') if p.isdigit()), 'pi': math.pi}\n")
-    home = [str(p) for p in Path.home().iterdir() if not sys.base_prefix.startswith(str(p))]  # but the interpreter
-    paths = [str(REPO), str(data_home()), str(tmp_path), *home, "/etc/passwd", "/etc/hostname", "/var", "/home",
+    def beside_the_interpreter(folder: Path) -> list[str]:  # a virtual environment may live in the checkout
+        return [str(p) for p in folder.iterdir() if not any(prefix.startswith(str(p))
+                                                            for prefix in (sys.base_prefix, sys.prefix))]
+
+    paths = [*beside_the_interpreter(REPO), str(REPO / "fcapp"), str(data_home()), str(tmp_path),
+             *beside_the_interpreter(Path.home()), "/etc/passwd", "/etc/hostname", "/var", "/home",
              "/bin/sh", "/usr/bin"]
     plant = Path(sys.prefix, f"planted-by-test-{os.getpid()}")
     try:

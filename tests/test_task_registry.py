@@ -20,7 +20,7 @@ HAS_FOL = importlib.util.find_spec("fcapp.tasks.fol") is not None
 
 
 def test_task_names() -> None:
-    assert task_names() == ["gsm8k", "fol", "folio", "folio-fol"] == list(TASKS)
+    assert task_names() == ["gsm8k", "fol", "folio", "folio-fol", "folio-nl"] == list(TASKS)
 
 
 def test_get_task_returns_one_cached_instance() -> None:

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
 
 import pytest
 
+from fcapp.files import read_log
+from fcapp.models.registry import list_models
 from fcapp.tasks.base import split_of
-from fcapp.training import TrainConfig, TrainingJob, attach, list_models, list_runs, start_training
+from fcapp.training import TrainConfig, TrainingJob, attach, list_runs, start_training
 from fcapp.trainsets import TrainingDataError
 
 SYSTEM = 'Call functions to answer. Functions:\nfinal_answer(answer: str)\n    Example: final_answer(answer="42")'
@@ -294,3 +297,31 @@ def test_cli_flags_are_the_config_fields() -> None:
     for field in dataclasses.fields(TrainConfig):
         if field.metadata["methods"] != ("rounds",):
             assert (field.metadata["flag"] or "--" + field.name.replace("_", "-")) in flags, field.name
+
+
+def test_the_worker_trains_on_two_processes_under_accelerate(sft_file: Path, home: Path) -> None:
+    """`accelerate launch --multi_gpu --num_processes 2` on a machine without a GPU runs two CPU ranks (gloo):
+    both train the same steps, and rank 0 alone writes the run folder's log, status, card and model. On GPUs
+    the command is the same (README: training at scale)."""
+    import subprocess
+    import sys
+
+    cfg = config(sft_file, "two-ranks", method="sft", max_length=1024, max_steps=2, batch_size=1)
+    cfg.out.mkdir(parents=True)
+    (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "-m", "fcapp.training.worker", "--config", str(cfg.out / "config.json")],
+                          capture_output=True, text=True, timeout=900,
+                          env=dict(os.environ, FCAPP_HOME=str(home / "home"), OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):  # both ranks took the same two steps
+        assert re.search(rf"^finished: step 2, model in .* \(rank {rank} of 2\)$", done.stdout, re.M), done.stdout[-2000:]
+    card = json.loads((cfg.out / "card.json").read_text())
+    assert card["processes"] == 2 and card["global_step"] == 2
+    status = json.loads((cfg.out / "status.json").read_text())
+    assert status["status"] == "finished"
+    assert [r["step"] for r in read_log(cfg.out / "log.jsonl")] == [1, 2]  # one line per step: rank 0's only
+    assert (cfg.out / "model" / "config.json").exists()
+    written = {p.name for p in cfg.out.iterdir()}
+    assert written <= {"card.json", "config.json", "log.jsonl", "model", "status.json", "checkpoints"}, written

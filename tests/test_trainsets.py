@@ -243,3 +243,17 @@ def test_sft_labels_cover_the_model_calls_and_mask_tool_results():
         assert f"<|im_start|>tool\n{step.result}<|im_end|>" in masked
     assert chain.question in masked
     assert len(ids) == len(tokens.assistant_masks) and ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_a_right_answer_its_own_calls_contradict_is_not_grounded():
+    """Rounds learn from the model's own correct chains; one whose answer is not what its last tool call
+    returned got it right by luck, and is left out."""
+    from fcapp.trainsets import grounded
+
+    chain = correct_chain("fol", "fol-0-0")
+    assert grounded("fol", chain.to_dict())
+    lucky = chain.to_dict()
+    check = lucky["steps"][0]
+    check["result"] = {"True": "False", "False": "Unknown", "Unknown": "True"}[check["result"]]  # the call disagreed
+    assert not grounded("fol", lucky)
+    assert grounded("gsm8k", correct_chain("gsm8k", "gsm8k-1").to_dict())

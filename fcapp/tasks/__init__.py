@@ -37,7 +37,14 @@ def _folio_fol() -> Task:
     return FolioFormulaTask()
 
 
-TASKS: dict[str, Callable[[], Task]] = {"gsm8k": _gsm8k, "fol": _fol, "folio": _folio, "folio-fol": _folio_fol}
+def _folio_nl() -> Task:
+    from fcapp.tasks.fol import FolioWordsTask
+
+    return FolioWordsTask()
+
+
+TASKS: dict[str, Callable[[], Task]] = {"gsm8k": _gsm8k, "fol": _fol, "folio": _folio, "folio-fol": _folio_fol,
+                                        "folio-nl": _folio_nl}
 
 
 def task_names() -> list[str]:

@@ -53,6 +53,14 @@ class Task(ABC):
     def verify(self, problem: Problem, answer: str | None) -> bool:
         """Is `answer` (untrusted model text) the ground truth?"""
 
+    def check_answer(self, answer: str) -> str:
+        """A final answer a person typed, checked for the task's form (the text, stripped); ValueError saying
+        what the task expects. Whether it is *right* is the verifier's business, not this check's."""
+        answer = answer.strip()
+        if not answer:
+            raise ValueError("type the corrected final answer")
+        return answer
+
     @abstractmethod
     def reference_calls(self, problem: Problem) -> list[Call] | None:
         """A correct chain of calls for this problem, when the data allows building one."""

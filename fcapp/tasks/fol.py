@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fcapp.files import atomic_write_json, read_jsonl
-from fcapp.paths import data_dir, shipped
+from fcapp.paths import cache_dir, shipped
 from fcapp.records import FINAL_ANSWER, Call
 from fcapp.tasks.base import Problem, Task, split_of
 from fcapp.tools import logic as logic_module
@@ -100,6 +100,13 @@ class _FolTask(Task):
 
     def verify(self, problem: Problem, answer: str | None) -> bool:
         return normalise_label(answer) == problem.answer
+
+    def check_answer(self, answer: str) -> str:
+        """A logic answer is one of True, False, Unknown (any case); returned in its normal form."""
+        label = normalise_label(super().check_answer(answer))
+        if label is None:
+            raise ValueError(f"a {self.name} answer is True, False or Unknown, not {answer.strip()[:40]!r}")
+        return label
 
     def reference_calls(self, problem: Problem) -> list[Call] | None:
         """check(conclusion) then the label, when the conclusion's FOL exists and z3 agrees with the label."""
@@ -186,7 +193,7 @@ def _cached(key: str, build: Callable[[], list[Problem]], data: bytes = b"") -> 
     name holds `key` and a hash of this module's and the solver's source (and of `data`, the input file),
     so any change to them builds afresh."""
     source = hashlib.sha256(Path(__file__).read_bytes() + Path(logic_module.__file__).read_bytes() + data).hexdigest()
-    path = data_dir("cache") / f"{key}-{source[:16]}.json"
+    path = cache_dir() / f"{key}-{source[:16]}.json"
     try:
         return [Problem(**record) for record in json.loads(path.read_text(encoding="utf-8"))]
     except (OSError, ValueError, TypeError):  # absent or damaged: build it
@@ -217,7 +224,7 @@ class FolioFormulaTask(_FolTask):
 
     def problems(self) -> list[Problem]:
         if self._problems is None:
-            self._problems = _cached("folio-fol", self._build, self.path.read_bytes())
+            self._problems = _cached(self.name, self._build, self.path.read_bytes())
         return self._problems
 
     def _build(self) -> list[Problem]:
@@ -237,7 +244,7 @@ class FolioFormulaTask(_FolTask):
                 return []
         except ToolError:
             return []
-        rng = random.Random(f"folio-fol:{story_id}")
+        rng = random.Random(f"{self.name}:{story_id}")
         found: dict[str, Problem] = {}
         for kind, shown, conclusion, words_of in self._candidates(rng, words, formulas, parsed):
             try:
@@ -248,12 +255,16 @@ class FolioFormulaTask(_FolTask):
                 continue
             found[label] = Problem(
                 id=f"{self.name}-{story_id}-{len(found)}", task=self.name,
-                question=render_question(shown[0], shown[1], words_of, conclusion), answer=label,
+                question=render_question(shown[0], shown[1], words_of, self.shown_formula(conclusion)), answer=label,
                 meta={"premises": shown[0], "premises_fol": shown[1], "conclusion": words_of,
                       "conclusion_fol": conclusion, "group": story_group(story_id), "kind": kind})
             if len(found) == 3:
                 break
         return sorted(found.values(), key=lambda p: p.id)
+
+    def shown_formula(self, conclusion: str) -> str | None:
+        """The conclusion's formula as the question shows it."""
+        return conclusion
 
     def _candidates(self, rng: random.Random, words: list[str], formulas: list[str], parsed: list[Any]):
         """(kind, (premise words, premise formulas), conclusion formula, conclusion words) to try, shuffled."""
@@ -275,6 +286,49 @@ class FolioFormulaTask(_FolTask):
 
     def demonstration(self) -> tuple[Problem, list[Call]]:
         return _demonstration(self.name)
+
+
+_FUNCTION_WORDS = {"a", "an", "the", "all", "some", "no", "none", "if", "every", "each", "any", "there", "people",
+                   "everyone", "everything", "nobody", "nothing", "someone", "something", "either", "neither", "both"}
+
+
+def _lower_first_word(sentence: str) -> str:
+    """"The cat ..." -> "the cat ..." for a sentence put after "that"; names stay capitalised."""
+    first, _, rest = sentence.partition(" ")
+    return f"{first.lower()} {rest}" if first.lower() in _FUNCTION_WORDS else sentence
+
+
+class FolioWordsTask(FolioFormulaTask):
+    """FOLIO-format practice in writing a conclusion as a formula, built from the shipped FOLIO stories: the
+    conclusion is one of the story's own premise sentences, kept among the premises or taken out of them,
+    as it is or negated ("It is not true that ..."), shown in words only as FOLIO shows its conclusions;
+    the formula (the premise's own, or its negation) is known, so every problem has a verified reference
+    chain, and z3 labels it. A training set for the translation FOLIO asks for, from training stories only
+    (the split is FOLIO's, by story)."""
+
+    name = "folio-nl"
+    description = "FOLIO stories with a conclusion in words drawn from the premises: write it as a formula and check it"
+    require_conclusion_fol = False
+
+    def shown_formula(self, conclusion: str) -> str | None:
+        return None  # in words only: writing the formula is the exercise
+
+    def _candidates(self, rng: random.Random, words: list[str], formulas: list[str], parsed: list[Any]):
+        everything = (words, formulas)
+        out = []
+        for k, (sentence, formula) in enumerate(zip(words, formulas)):
+            rest = (words[:k] + words[k + 1:], formulas[:k] + formulas[k + 1:])
+            negated = f"It is not true that {_lower_first_word(sentence).rstrip('.')}."
+            out += [("premise", everything, formula, sentence), ("premise-removed", rest, formula, sentence),
+                    ("negated", everything, f"¬({formula})", negated), ("negated-removed", rest, f"¬({formula})", negated)]
+        rng.shuffle(out)
+        return out[: self.CANDIDATES]
+
+    def demonstration(self) -> tuple[Problem, list[Call]]:
+        demo, calls = _demonstration(self.name)
+        meta = demo.meta
+        demo.question = render_question(meta["premises"], meta["premises_fol"], meta["conclusion"], None)
+        return demo, calls
 
 
 # ---- generator --------------------------------------------------------------------------------

@@ -159,6 +159,13 @@ class Gsm8kTask(Task):
             return False
         return math.isclose(got, expected, rel_tol=1e-9, abs_tol=1e-6)
 
+    def check_answer(self, answer: str) -> str:
+        """A GSM8K answer is a number ("72", "$1,200", "3/4"); words alone are refused."""
+        answer = super().check_answer(answer)
+        if extract_number(answer) is None:
+            raise ValueError(f"a {self.name} answer is a number (e.g. 72 or 3.5), not {answer[:40]!r}")
+        return answer
+
     def reference_calls(self, problem: Problem) -> list[Call] | None:
         """The solution's calculations as calculator calls, then the ground truth as final answer."""
         expressions = annotation_expressions(problem.meta.get("solution", ""))

@@ -8,11 +8,21 @@ import re
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from fcapp.records import Message
 from fcapp.training.config import TrainConfig
-from fcapp.training.folder import RunFolder, read_json
+from fcapp.training.folder import RunFolder, read_json, read_log
+
+
+def score_trained_positions_only() -> None:
+    """Make TRL's fused LM head project only the positions it trains on, on every device. TRL 1.16 does so
+    where Triton runs and scores every position elsewhere (a choice made for Neuron, which recompiles per
+    shape); on a CPU that dense pass over the whole vocabulary was 40% of an SFT step and most of a DPO
+    step. The log-probs are the same (tests/test_packing.py checks it against TRL's own path)."""
+    import trl.trainer.utils as trl_utils
+
+    trl_utils._use_triton = lambda device: True  # read only where the fused head picks compact scoring
 
 
 def load_tokenizer(base: str) -> Any:
@@ -193,6 +203,7 @@ def thread_callback(config: TrainConfig) -> Any:
     class ThreadCallback(TrainerCallback):
         def __init__(self) -> None:
             self.chooser = ThreadChooser(torch.get_num_threads())
+            self.chooser.current = self.chooser.choices[-1]  # all cores first: a step is long, probing one is cheap
             self.began, self.tokens, self.threads = 0.0, 0, 0
 
         def on_step_begin(self, args, state, control, **kwargs):
@@ -207,5 +218,32 @@ def thread_callback(config: TrainConfig) -> Any:
     return ThreadCallback()
 
 
-def callbacks(*items: Any) -> list[Any]:
-    return [item for item in items if item is not None]
+def run_stage(config: TrainConfig, folder: RunFolder, stage: str, base_path: str, tokenizer: Any, target: Path,
+              make_trainer: Callable[[Any, Path, list[Any]], Any], checkpoints: Path | None = None,
+              card: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+    """Run one trainer (`make_trainer(model, output_dir, callbacks)`) from `base_path` and save its model to
+    `target`; returns (global step, the last logged metrics plus `train_loop_s`, the trainer's set-up and steps
+    without model loading and saving). With a `checkpoints` folder the stage checkpoints there and resumes from
+    it (config.resume), its log lines after the checkpoint dropped; without one (a warm-up, a round) a killed
+    stage is redone. Log lines carry `stage` and `extra`."""
+    run_dir = checkpoints or folder.out / f".{stage}-run"
+    checkpoint = last_checkpoint(checkpoints, folder.main) if checkpoints and config.resume else None
+    resumed = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
+    if checkpoints:
+        folder.keep_log(lambda r: r.get("stage") != stage or r["step"] <= resumed)
+        if card is not None:
+            card["resumed_from_step"] = resumed if config.resume else None
+    previous = [r for r in read_log(folder.log_path) if r.get("stage") == stage]
+    callback = run_callback(folder, stage, previous[-1]["elapsed_s"] if previous else 0.0,
+                            checkpoint_on_stop=checkpoints is not None, extra=extra)
+    model = load_model(base_path, config)
+    began = time.monotonic()
+    trainer = make_trainer(model, run_dir, [c for c in (callback, thread_callback(config)) if c is not None])
+    callback.accelerator = trainer.accelerator
+    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    loop_seconds = round(time.monotonic() - began, 2)
+    save_model(trainer, tokenizer, target, config.adapter)
+    if checkpoints is None and folder.main:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    last = {k: v for k, v in folder.last.items() if k not in ("stage", "step", "max_steps", "time", "round")}
+    return trainer.state.global_step, last | dict(output.metrics) | {"train_loop_s": loop_seconds}

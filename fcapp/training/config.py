@@ -56,6 +56,12 @@ class TrainConfig:
     data: str | None = option(None, "training file: preference pairs (dpo), SFT examples (sft), prompts (grpo); "
                                     "default: built from the store (dpo, sft) or the task (grpo)",
                               methods=("sft", "dpo", "grpo"))
+    pair_set: str | None = option(None, "a pair set stored in the database to train on instead of pairs built from "
+                                        "the chains, e.g. one `fcapp pairs --import FILE` made (imported-NAME); the "
+                                        "run folder's data.jsonl is written from it", methods=("dpo",))
+    sources: list[str] = option(["reference", "teacher", "human"], "the correct chains SFT trains on when built from "
+                                "the store: reference, teacher (verifier-accepted), human (accepted by a person)",
+                                methods=("sft",))
     task: str | None = option(None, "task(s), comma-separated: what the data is built from when --data is not "
                                     "given; grpo and rounds train on its training split")
     base: str = option("smollm2", "model to start from: smollm2 (embedded), a tuned model's name, a folder")
@@ -72,6 +78,8 @@ class TrainConfig:
     grad_accum: int = option(2, "forward passes per optimizer step (grpo: problems per step)")
     max_length: int = option(1024, "tokens of prompt + completion; longer rows are an error unless dropped")
     drop_too_long: bool = option(False, "drop rows longer than max_length instead of refusing the file")
+    score_trained_only: bool = option(True, "TRL's fused LM head projects only the trained positions (off: TRL's own "
+                                            "path, which on a CPU scores every position; steps ~1.6x slower)")
     pack: bool = option(True, "SFT: pack each batch into one sequence holding the shared system prompt once "
                               "(same loss, fewer tokens computed)", methods=("sft", "dpo", "grpo", "rounds"))
     save_steps: int = option(50, "checkpoint interval in steps (the last two are kept)")
@@ -82,7 +90,8 @@ class TrainConfig:
                                        "holds a core)")
     lora_r: int = option(16, "LoRA rank")
     lora_alpha: int = option(32, "LoRA alpha")
-    lora_dropout: float = option(0.05, "LoRA dropout (sft; DPO and GRPO turn dropout off)")
+    lora_dropout: float = option(0.0, "LoRA dropout (sft; DPO and GRPO turn dropout off); on a CPU 0.05 costs "
+                                      "a fifth of an SFT step")
     lora_targets: list[str] = option(LORA_TARGETS, "modules LoRA adapts")
     resume: bool = option(False, "continue from the run's last checkpoint")
     out_dir: str | None = option(None, "run folder (default: the data folder's models/NAME)", flag="--out")
@@ -114,6 +123,8 @@ class TrainConfig:
     rounds: int = option(2, "rounds of sample -> verify -> train -> evaluate", methods=("rounds",))
     round_method: Literal["sft", "dpo"] = option("sft", "what each round trains: sft on its correct chains, "
                                                         "or dpo on correct vs incorrect", methods=("rounds",))
+    grounded_only: bool = option(True, "learn only from chains whose final answer is what their last tool call "
+                                       "returned, not a right guess", methods=("rounds",))
     eval_limit: int = option(60, "held-out problems evaluated after each round", methods=("rounds",))
     db: str | None = option(None, "SQLite store for the rounds' chains and evaluations (default: the data folder's)",
                             methods=("rounds",))
@@ -137,8 +148,10 @@ class TrainConfig:
             raise ValueError("set epochs > 0 or max_steps > 0")
         if self.method in ("grpo", "rounds") and not self.task:
             raise ValueError(f"method {self.method} needs a task: it trains on the task's training problems")
-        if self.method in ("sft", "dpo") and not (self.data or self.task):
+        if self.method in ("sft", "dpo") and not (self.data or self.task or self.pair_set):
             raise ValueError(f"method {self.method} needs --data FILE or --task TASK (to build it from the store)")
+        if self.pair_set and self.method != "dpo":
+            raise ValueError("--pair-set is the data of a dpo run (sft trains on --sources)")
         if self.method == "grpo" and self.warmup_steps > 0 and not self.warmup_data:
             raise ValueError("a GRPO warm-up trains on SFT examples: give --warmup-data FILE (fcapp examples)")
         if self.method == "grpo" and self.num_generations < 2:

@@ -10,27 +10,30 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
 from fcapp.training import sft
-from fcapp.training.common import (callbacks, checkpointing, fit_length, last_checkpoint, load_model, lora,
-                                   run_callback, save_model, thread_callback, trainer_args, training_prompt)
+from fcapp.training.common import checkpointing, fit_length, lora, run_stage, trainer_args, training_prompt
 from fcapp.training.config import TrainConfig
-from fcapp.training.folder import RunFolder, read_log
+from fcapp.training.folder import RunFolder
 
 COLUMNS = ("prompt", "chosen", "rejected")
 
 
-def fitting_pairs(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[dict[str, Any]]:
-    """The pairs as trained (prompt with or without the demo) whose longer side fits max_length."""
+def pair_lengths(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> tuple[list[dict[str, Any]], list[int]]:
+    """The pairs as trained (prompt with or without the demo), and the tokens of each one's longer side."""
     def length(messages: list[dict[str, Any]]) -> int:
         return len(tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"])
 
     pairs = [{"prompt": training_prompt(r["prompt"], config.demo), "chosen": r["chosen"], "rejected": r["rejected"],
               "_where": r["_where"]} for r in rows]
-    lengths = [max(length(p["prompt"] + p["chosen"]), length(p["prompt"] + p["rejected"])) for p in pairs]
+    return pairs, [max(length(p["prompt"] + p["chosen"]), length(p["prompt"] + p["rejected"])) for p in pairs]
+
+
+def fitting_pairs(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[dict[str, Any]]:
+    """The pairs as trained whose longer side fits max_length."""
+    pairs, lengths = pair_lengths(rows, tokenizer, config)
     kept = fit_length([p["_where"] for p in pairs], lengths, config.max_length, config.drop_too_long, "pair(s)")
     return [pairs[i] for i in kept]
 
@@ -70,36 +73,20 @@ def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path:
 def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, pairs: list[dict[str, Any]], tokenizer: Any,
                 target: Path, stage: str, checkpoints: Path | None = None, card: dict[str, Any] | None = None,
                 extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    """DPO on `pairs` (already fitted) from `base_path`, the model saved to `target`; returns (global step,
-    last logged metrics). Checkpointing and resuming as in `sft.train_stage`."""
+    """DPO on `pairs` (already fitted) from `base_path`, the model saved to `target` (see common.run_stage)."""
     from datasets import Dataset
     from trl import DPOConfig, DPOTrainer
 
-    run_dir = checkpoints or folder.out / f".{stage}-run"
-    checkpoint = last_checkpoint(checkpoints, folder.main) if checkpoints and config.resume else None
-    resumed = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
-    if checkpoints:
-        folder.keep_log(lambda r: r.get("stage") != stage or r["step"] <= resumed)
     precompute = config.precompute_ref if config.precompute_ref is not None else precompute_reference(config, len(pairs))
     if card is not None:
-        card["resumed_from_step"] = resumed if checkpoints and config.resume else None
         card["precomputed_reference"] = precompute
-    args = DPOConfig(**trainer_args(config, run_dir, **(checkpointing(config) if checkpoints else {})),
-                     beta=config.beta, max_length=config.max_length, precompute_ref_log_probs=precompute)
-    previous = [r for r in read_log(folder.log_path) if r.get("stage") == stage]
-    callback = run_callback(folder, stage, previous[-1]["elapsed_s"] if previous else 0.0,
-                            checkpoint_on_stop=checkpoints is not None, extra=extra)
     folder.status("running", stage="reference log-probs" if precompute else "loading")
-    data = Dataset.from_list([{c: p[c] for c in COLUMNS} for p in pairs])
-    began = time.monotonic()  # the training loop's own time: setup (e.g. reference log-probs) + steps
-    trainer = DPOTrainer(model=load_model(base_path, config), args=args, train_dataset=data,
-                         processing_class=tokenizer, callbacks=callbacks(callback, thread_callback(config)),
-                         peft_config=lora(config))
-    callback.accelerator = trainer.accelerator
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    loop_seconds = round(time.monotonic() - began, 2)
-    save_model(trainer, tokenizer, target, config.adapter)
-    if checkpoints is None and folder.main:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    last = {k: v for k, v in folder.last.items() if k not in ("stage", "step", "max_steps", "time", "round")}
-    return trainer.state.global_step, last | dict(output.metrics) | {"train_loop_s": loop_seconds}
+
+    def make_trainer(model: Any, output_dir: Path, callbacks: list[Any]) -> Any:
+        args = DPOConfig(**trainer_args(config, output_dir, **(checkpointing(config) if checkpoints else {})),
+                         beta=config.beta, max_length=config.max_length, precompute_ref_log_probs=precompute)
+        return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([{c: p[c] for c in COLUMNS}
+                                                                                   for p in pairs]),
+                          processing_class=tokenizer, callbacks=callbacks, peft_config=lora(config))
+
+    return run_stage(config, folder, stage, base_path, tokenizer, target, make_trainer, checkpoints, card, extra)

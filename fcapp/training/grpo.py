@@ -15,15 +15,14 @@ Rewards (each logged as rewards/<name>/mean; a weight of 0 switches a shaping te
 
 from __future__ import annotations
 
-import time
+from pathlib import Path
 from typing import Any, Callable
 
 from fcapp.records import Chain
 from fcapp.solve import SolveConfig, build_agent
-from fcapp.training.common import (callbacks, checkpointing, last_checkpoint, load_model, lora, run_callback,
-                                   save_model, thread_callback, trainer_args)
+from fcapp.training.common import checkpointing, lora, run_stage, trainer_args
 from fcapp.training.config import TrainConfig
-from fcapp.training.folder import RunFolder, read_log
+from fcapp.training.folder import RunFolder
 from fcapp.training.tokens import tokenize_chain
 
 
@@ -143,27 +142,19 @@ def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path:
             return 0, dict(folder.last)
     functions, weights = rewards(config)
     card["rewards"] = {fn.__name__: w for fn, w in zip(functions, weights)}
-    checkpoints = folder.out / "checkpoints"
-    checkpoint = last_checkpoint(checkpoints, folder.main) if config.resume else None
-    resumed = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
-    folder.keep_log(lambda r: r.get("stage") != "grpo" or r["step"] <= resumed)
-    card["resumed_from_step"] = resumed if config.resume else None
     group = config.num_generations
-    args = GRPOConfig(**trainer_args(config, checkpoints, per_device_train_batch_size=group, **checkpointing(config),
-                                   include_num_input_tokens_seen="no"),  # GRPO counts its tokens itself
-                      num_generations=group, steps_per_generation=config.grad_accum, beta=config.kl_beta, reward_weights=weights,
-                      max_completion_length=config.max_length, temperature=config.temperature,
-                      top_p=config.top_p, remove_unused_columns=False, log_completions=False)
-    previous = [r for r in read_log(folder.log_path) if r.get("stage") == "grpo"]
-    callback = run_callback(folder, "grpo", previous[-1]["elapsed_s"] if previous else 0.0)
-    began = time.monotonic()  # the training loop's own time: setup + steps
-    trainer = GRPOTrainer(model=load_model(base_path, config), reward_funcs=functions, args=args,
-                          train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                          callbacks=callbacks(callback, thread_callback(config)), peft_config=lora(config),
-                          rollout_func=Rollouts(config, task, by_question, tokenizer))
-    callback.accelerator = trainer.accelerator
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    loop_seconds = round(time.monotonic() - began, 2)
-    save_model(trainer, tokenizer, folder.out / "model", config.adapter)
-    last = {k: v for k, v in folder.last.items() if k not in ("stage", "step", "max_steps", "time")}
-    return trainer.state.global_step, last | dict(output.metrics) | {"train_loop_s": loop_seconds}
+
+    def make_trainer(model: Any, output_dir: Path, callbacks: list[Any]) -> Any:
+        args = GRPOConfig(**trainer_args(config, output_dir, per_device_train_batch_size=group,
+                                         include_num_input_tokens_seen="no",  # GRPO counts its tokens itself
+                                         **checkpointing(config)),
+                          num_generations=group, steps_per_generation=config.grad_accum, beta=config.kl_beta,
+                          reward_weights=weights, max_completion_length=config.max_length,
+                          temperature=config.temperature, top_p=config.top_p, remove_unused_columns=False,
+                          log_completions=False)
+        return GRPOTrainer(model=model, reward_funcs=functions, args=args, train_dataset=Dataset.from_list(rows),
+                           processing_class=tokenizer, callbacks=callbacks, peft_config=lora(config),
+                           rollout_func=Rollouts(config, task, by_question, tokenizer))
+
+    return run_stage(config, folder, "grpo", base_path, tokenizer, folder.out / "model", make_trainer,
+                     checkpoints=folder.out / "checkpoints", card=card)

@@ -10,6 +10,7 @@ started from the CLI and from the app show up alike.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ from fcapp.paths import models_dir, safe_name
 from fcapp.training.config import TERMINAL, TrainConfig
 from fcapp.files import atomic_write_json
 from fcapp.training.folder import now, read_json, read_log
+from fcapp.records import fmt_seconds
 
 _CHILDREN: dict[Path, subprocess.Popen] = {}  # workers this process started, so attach() can reap them
 
@@ -169,29 +171,46 @@ class TrainingJob:
 
 
 # ---- before a worker starts -------------------------------------------------------------------------------
+# Seconds of training per row with the defaults on the idle 2-core CPU box: a pair (dpo), an example (sft),
+# a sampled chain (grpo). From benchmarks/training_results.md (python -m benchmarks.training, 2026-12-01).
+# The preview's time is an estimate from these: another machine, a busy one or other settings differ.
+SECONDS_PER_ROW = {"dpo": 8.07, "sft": 2.95, "grpo": 6.59}
+SECONDS_PER_ROW_SOURCE = "benchmarks/training_results.md, idle 2-core CPU box, 2026-12-01"
+
+
 def build_data(config: TrainConfig, store: Any, target: Path) -> dict[str, Any]:
-    """Write the training set of a `--task` config (no --data) from the store: pairs (dpo) or SFT examples
-    (sft) of its training problems. Returns the set's card."""
-    from fcapp.trainsets import PairPolicy, build_pairs, export_rows, make_examples
+    """Write the training set of a config without --data from the store: SFT examples (sft, from
+    `sources`), the stored pair set `pair_set`, or pairs built from the chains (dpo), of training problems
+    only. Returns the set's card; TrainingDataError when it would be empty, saying what to do."""
+    from fcapp.trainsets import PairPolicy, TrainingDataError, build_pairs, export_rows, make_examples
 
     if config.method == "sft":
-        return make_examples(store, config.tasks, target)
-    rows = [row for task in config.tasks for row in build_pairs(store, task, PairPolicy())]
+        return make_examples(store, config.tasks, target, tuple(config.sources))
+    if config.pair_set:
+        tasks = (*config.tasks, "unknown")  # an imported row without a task is stored under "unknown"
+        rows = [row for row in store.list_pairs(policy=config.pair_set) if not config.tasks or row["task"] in tasks]
+        if not rows:
+            stored = ", ".join(store.pair_sets()) or "none"
+            raise TrainingDataError(f"pair set {config.pair_set!r} holds no pairs"
+                                    + (f" of {config.task}" if config.task else "") + f" (stored pair sets: {stored})")
+    else:
+        rows = [row for task in config.tasks for row in build_pairs(store, task, PairPolicy())]
     if not rows:
-        from fcapp.trainsets import TrainingDataError
-
         raise TrainingDataError(f"no preference pairs for {config.task} yet: a pair needs a training problem with a "
                                 "correct and an incorrect chain (generate chains, or label some)")
-    export_rows(rows, target, "pairs", {"tasks": config.tasks, "pairs": len(rows)})
+    export_rows(rows, target, "pairs", {"tasks": config.tasks, "pairs": len(rows), "pair_set": config.pair_set})
     return {"pairs": len(rows)}
 
 
-def validate(config: TrainConfig) -> dict[str, Any]:
-    """Everything checkable before a worker starts: the base model, the task, the data file (rows,
-    held-out problems, lengths). Returns a summary: rows in the file and rows that will be used."""
+def _settle_base(config: TrainConfig) -> None:
+    """Check the base model exists, and settle whether the training prompt holds the demonstration."""
+    from fcapp.models.base import ModelError
     from fcapp.models.registry import resolve_model_path
 
-    base = resolve_model_path(config.base)
+    try:
+        base = resolve_model_path(config.base)
+    except ModelError as exc:
+        raise ValueError(f"base model {config.base!r}: {exc}") from None
     if not (Path(base) / "config.json").is_file():
         raise ValueError(f"base model {config.base!r}: not the embedded model (smollm2), a tuned model "
                          "(fcapp models) or a model folder with a config.json")
@@ -199,6 +218,12 @@ def validate(config: TrainConfig) -> dict[str, Any]:
         from fcapp.solve import prompted_with_demo
 
         config.demo = prompted_with_demo(base)
+
+
+def validate(config: TrainConfig) -> dict[str, Any]:
+    """Everything checkable before a worker starts: the base model, the task, the data file (rows,
+    held-out problems, lengths). Returns a summary: rows in the file and rows that will be used."""
+    _settle_base(config)
     if config.method in ("grpo", "rounds"):
         from fcapp.tasks import get_task
 
@@ -218,6 +243,92 @@ def validate(config: TrainConfig) -> dict[str, Any]:
         rows = read_training_file(str(config.data), "pairs")
         used = len(dpo.fitting_pairs(rows, tokenizer, config))
     return {"path": config.data, "rows": len(rows), "used": used}
+
+
+def _steps(config: TrainConfig, rows: int) -> int:
+    per_step = config.batch_size * config.grad_accum
+    if config.max_steps > 0:
+        return config.max_steps
+    return max(1, math.ceil(config.epochs * math.ceil(rows / per_step))) if rows else 0
+
+
+def preview(config: TrainConfig, store: Any = None) -> dict[str, Any]:
+    """What a run of `config` would train on, without starting it or writing anything it keeps: the rows
+    (built from the store exactly as start_training builds them, or read from --data with the same checks),
+    the problems and tasks they come from, each row's token length against max_length, the optimizer steps,
+    and an estimate of the training time from SECONDS_PER_ROW. A set that cannot be trained on raises
+    TrainingDataError / ValueError with the reason, as start_training would."""
+    import tempfile
+
+    from fcapp.training import dpo, sft
+    from fcapp.training.common import load_tokenizer
+    from fcapp.trainsets import heldout_guard, read_training_file
+
+    config = TrainConfig.from_dict(config.to_dict())  # settling the base must not change the caller's config
+    _settle_base(config)
+    facts: dict[str, Any] = {"method": config.method, "max_length": config.max_length, "lengths": [],
+                             "too_long": 0, "drop_too_long": config.drop_too_long,
+                             "estimate_basis": SECONDS_PER_ROW_SOURCE}
+    if config.method in ("grpo", "rounds"):
+        from fcapp.tasks import get_task
+
+        guard = heldout_guard()
+        problems = [p for name in config.tasks for p in get_task(name).split("train")[: config.limit or None]
+                    if not guard.refuses(name, p.id, p.question)]
+        steps = config.max_steps if config.max_steps > 0 else math.ceil(
+            config.epochs * math.ceil(len(problems) / config.grad_accum))
+        chains = steps * config.grad_accum * config.num_generations
+        return facts | {"kind": "problems", "source": f"the training problems of {config.task}", "rows": len(problems),
+                        "used": len(problems), "problems": len(problems), "heldout": 0, "steps": steps,
+                        "tasks": {name: sum(p.task == name for p in problems) for name in config.tasks},
+                        "estimate_s": None if config.method == "rounds" else chains * SECONDS_PER_ROW["grpo"],
+                        "rows_trained": chains, "row_word": "problems", "trained_word": "sampled chains"}
+    kind = "sft" if config.method == "sft" else "pairs"
+    with tempfile.TemporaryDirectory(prefix="fcapp-preview-") as scratch:
+        path = Path(config.data) if config.data else Path(scratch) / "data.jsonl"
+        if not config.data:
+            from fcapp.store import Store
+
+            build_data(config, store or Store(), path)
+        rows = read_training_file(path, kind)
+    tokenizer = load_tokenizer(config.base)
+    if kind == "sft":
+        lengths = [tokens.length for tokens in sft.example_tokens(rows, tokenizer, config)]
+    else:
+        lengths = dpo.pair_lengths(rows, tokenizer, config)[1]
+    too_long = sum(n > config.max_length for n in lengths)
+    used = len(rows) - too_long if config.drop_too_long or not too_long else 0
+    steps = _steps(config, used)
+    trained = steps * config.batch_size * config.grad_accum
+    source = (str(config.data) if config.data else f"pair set {config.pair_set}" if config.pair_set
+              else f"pairs built from the {config.task} chains" if kind == "pairs"
+              else f"the correct {config.task} chains ({', '.join(config.sources)})")
+    return facts | {
+        "kind": kind, "source": source, "rows": len(rows), "used": used, "lengths": lengths, "too_long": too_long,
+        "problems": len({(row.get("task"), row.get("problem_id")) for row in rows}), "heldout": 0,
+        "tasks": {task: sum(str(row.get("task")) == task for row in rows) for task in sorted({str(row.get("task")) for row in rows})},
+        "steps": steps, "rows_trained": trained, "row_word": "pairs" if kind == "pairs" else "examples",
+        "trained_word": "pairs" if kind == "pairs" else "examples",
+        "estimate_s": trained * SECONDS_PER_ROW[config.method],
+    }
+
+
+def render_preview(facts: dict[str, Any]) -> str:
+    """A preview as lines of plain text (`fcapp train --preview`, the Train tab)."""
+    tasks = ", ".join(f"{task} {n}" for task, n in facts["tasks"].items())
+    lines = [f"{facts['method']} on {facts['source']}: {facts['rows']} {facts['row_word']} from {facts['problems']} "
+             f"training problems ({tasks}); held-out problems: none (they never reach a training set)"]
+    if facts["lengths"]:
+        lengths = sorted(facts["lengths"])
+        fate = ("" if not facts["too_long"] else " (dropped)" if facts["drop_too_long"]
+                else " (the run would refuse them: raise max_length or switch on drop_too_long)")
+        lines.append(f"tokens per row: min {lengths[0]}, median {lengths[len(lengths) // 2]}, max {lengths[-1]} against "
+                     f"max_length {facts['max_length']}; {facts['too_long']} too long{fate}")
+    estimate = ("no time estimate for rounds (it depends on how many sampled chains are correct)"
+                if facts["estimate_s"] is None else
+                f"about {fmt_seconds(facts['estimate_s'])} of training (an estimate from {facts['estimate_basis']})")
+    lines.append(f"{facts['steps']} optimizer steps, {facts['rows_trained']} {facts['trained_word']} trained on; {estimate}")
+    return "\n".join(lines)
 
 
 def start_training(config: TrainConfig, store: Any = None) -> TrainingJob:

@@ -90,7 +90,8 @@ def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path:
         target.mkdir(parents=True, exist_ok=True)
         if config.round_method == "sft":
             rows = [r | {"_where": f"chain {r['chain_id']}"}
-                    for r in build_examples(store, task, ("teacher", "human"), model_ids=own)]
+                    for r in build_examples(store, task, ("teacher", "human"), model_ids=own,
+                                            grounded_only=config.grounded_only)]
             examples = sft.tokenized_examples(rows, tokenizer, config) if rows else []
             trained = len(examples)
             if examples:

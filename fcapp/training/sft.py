@@ -5,23 +5,25 @@ as a method of its own, as the warm-up stage before DPO or GRPO, and in each rou
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import time
 from pathlib import Path
 from typing import Any
 
-from fcapp.training.common import (callbacks, checkpointing, fit_length, last_checkpoint, load_model, lora,
-                                   run_callback, save_model, thread_callback, trainer_args, training_prompt)
+from fcapp.training.common import checkpointing, fit_length, lora, run_stage, trainer_args, training_prompt
 from fcapp.training.config import TrainConfig
-from fcapp.training.folder import RunFolder, read_log
+from fcapp.training.folder import RunFolder
 from fcapp.training.packing import PackedCollator, pack
 from fcapp.training.tokens import tokenize_chain
+
+
+def example_tokens(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[Any]:
+    """Each row (prompt, completion) tokenized as trained (prompt with or without the demo)."""
+    return [tokenize_chain(tokenizer, training_prompt(row["prompt"], config.demo), row["completion"]) for row in rows]
 
 
 def tokenized_examples(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfig) -> list[dict[str, Any]]:
     """Rows (prompt, completion) as SFTTrainer's pre-tokenized rows: input_ids and assistant_masks.
     Rows over max_length are refused (or dropped with drop_too_long), never truncated."""
-    tokens = [tokenize_chain(tokenizer, training_prompt(row["prompt"], config.demo), row["completion"]) for row in rows]
+    tokens = example_tokens(rows, tokenizer, config)
     kept = fit_length([row["_where"] for row in rows], [t.length for t in tokens], config.max_length,
                       config.drop_too_long, "SFT examples")
     return [{"input_ids": tokens[i].prompt_ids + tokens[i].completion_ids, "assistant_masks": tokens[i].assistant_masks}
@@ -54,38 +56,18 @@ def warm_up(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_p
 def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, examples: list[dict[str, Any]],
                 tokenizer: Any, target: Path, stage: str, checkpoints: Path | None = None,
                 card: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    """Train on tokenized `examples` from `base_path` and save the model to `target`; returns (global step,
-    last logged metrics). With a `checkpoints` folder the stage checkpoints there and resumes from it
-    (config.resume); without one (a warm-up, a round) a killed stage is redone. Log lines get `stage`
-    and `extra`."""
+    """SFT on tokenized `examples` from `base_path`, the model saved to `target` (see common.run_stage)."""
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    run_dir = checkpoints or folder.out / f".{stage}-run"
     packed = dict(per_device_train_batch_size=1, max_length=None, remove_unused_columns=False) if config.pack else {}
-    args = SFTConfig(**trainer_args(config, run_dir, max_length=config.max_length,
-                                    **(checkpointing(config) if checkpoints else {})) | packed)
-    if config.pack:
-        examples = pack(examples, config.batch_size, config.seed)
-    checkpoint = last_checkpoint(checkpoints, folder.main) if checkpoints and config.resume else None
-    resumed = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
-    if checkpoints:
-        folder.keep_log(lambda r: r.get("stage") != stage or r["step"] <= resumed)
-        if card is not None:
-            card["resumed_from_step"] = resumed if config.resume else None
-    previous = [r for r in read_log(folder.log_path) if r.get("stage") == stage]
-    callback = run_callback(folder, stage, previous[-1]["elapsed_s"] if previous else 0.0,
-                            checkpoint_on_stop=checkpoints is not None, extra=extra)
-    collator = PackedCollator(tokenizer.pad_token_id or 0) if config.pack else None
-    began = time.monotonic()  # the training loop's own time: setup (e.g. reference log-probs) + steps
-    trainer = SFTTrainer(model=load_model(base_path, config), args=args, train_dataset=Dataset.from_list(examples),
-                         data_collator=collator, processing_class=tokenizer,
-                         callbacks=callbacks(callback, thread_callback(config)), peft_config=lora(config))
-    callback.accelerator = trainer.accelerator
-    output = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    loop_seconds = round(time.monotonic() - began, 2)
-    save_model(trainer, tokenizer, target, config.adapter)
-    if checkpoints is None and folder.main:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    last = {k: v for k, v in folder.last.items() if k not in ("stage", "step", "max_steps", "time", "round")}
-    return trainer.state.global_step, last | dict(output.metrics) | {"train_loop_s": loop_seconds}
+    rows = pack(examples, config.batch_size, config.seed) if config.pack else examples
+
+    def make_trainer(model: Any, output_dir: Path, callbacks: list[Any]) -> Any:
+        args = SFTConfig(**trainer_args(config, output_dir, max_length=config.max_length,
+                                        **(checkpointing(config) if checkpoints else {})) | packed)
+        return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
+                          data_collator=PackedCollator(tokenizer.pad_token_id or 0) if config.pack else None,
+                          callbacks=callbacks, peft_config=lora(config))
+
+    return run_stage(config, folder, stage, base_path, tokenizer, target, make_trainer, checkpoints, card, extra)

@@ -3,10 +3,10 @@ in its own process (started by `fcapp.training.job.start_training`), writing the
 (`fcapp.training.folder`) as it goes. A crash or an OOM kill never takes the app down; SIGTERM or a
 STOP file ends the run after the current step, saving a checkpoint and the model trained so far.
 
-Multi-GPU (DDP): the worker is a plain HF Trainer script, so the same config runs unchanged with
-    accelerate launch --num_processes 4 -m fcapp.training.worker --config run.json
-Only rank 0 writes log, status, card and model; a STOP file stops every rank at the same step.
-`batch_size` is per device.
+Several processes (DDP): the worker is a plain HF Trainer script, so the same config runs unchanged with
+    accelerate launch --multi_gpu --num_processes 4 -m fcapp.training.worker --config run.json
+on 4 GPUs, or on CPU cores of a machine without a GPU (gloo; tested with 2). Only rank 0 writes log,
+status, card and model; a STOP file stops every rank at the same step. `batch_size` is per process.
 """
 
 from __future__ import annotations
@@ -34,21 +34,26 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def ranks() -> tuple[int, int]:
+    """(this process's rank, the number of processes), as the launcher (accelerate launch, torchrun) set them:
+    read from the environment, so they are right before the Trainer sets up the process group."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def train(config: TrainConfig, stop_event: StopSignal | None = None,
           on_log: Callable[[dict], None] | None = None) -> TrainResult:
     """Run `config` in this process; writes log, status, checkpoints, model, card.
 
     Raises on failure after recording status "failed" (the worker turns that into its exit code)."""
-    from accelerate import PartialState
-
-    main = PartialState().is_main_process
+    rank, processes = ranks()
+    main = rank == 0
     folder = RunFolder(config.out, config.name, stop_event, on_log, main)
     if main:
         folder.out.mkdir(parents=True, exist_ok=True)
     began = time.monotonic()
     card: dict[str, Any] = {"name": config.name, "base": config.base, "method": config.method,
                             "adapter": config.adapter, "prompt": {"demo": config.demo}, "config": config.to_dict(),
-                            "started": now()}
+                            "processes": processes, "started": now()}
     folder.status("running", stage="loading")
     try:
         step, metrics = _run(config, folder, card)
@@ -72,9 +77,11 @@ def train(config: TrainConfig, stop_event: StopSignal | None = None,
 def _run(config: TrainConfig, folder: RunFolder, card: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     from fcapp.models.registry import resolve_model_path
     from fcapp.training import dpo, grpo, rounds, sft
-    from fcapp.training.common import load_tokenizer
+    from fcapp.training.common import load_tokenizer, score_trained_positions_only
     from fcapp.trainsets import read_training_file
 
+    if config.score_trained_only:
+        score_trained_positions_only()
     tokenizer = load_tokenizer(config.base)
     base_path = card["base_path"] = resolve_model_path(config.base)
     if config.method == "grpo":
@@ -88,6 +95,7 @@ def _run(config: TrainConfig, folder: RunFolder, card: dict[str, Any]) -> tuple[
 
 def main(argv: list[str] | None = None) -> int:
     """Worker entry: `python -m fcapp.training.worker --config run.json` (also under `accelerate launch`)."""
+
     parser = argparse.ArgumentParser(prog="python -m fcapp.training.worker", description=__doc__.split("\n")[0])
     parser.add_argument("--config", required=True, help="JSON file with TrainConfig fields")
     args = parser.parse_args(argv)
@@ -105,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())  # SIGTERM = stop after this step, saving
     result = train(config, stop_event=stop)  # an exception is recorded as "failed", then exits 1
-    print(f"{result.status}: step {result.global_step}, model in {result.model_dir}", flush=True)
+    rank, processes = ranks()
+    print(f"{result.status}: step {result.global_step}, model in {result.model_dir} (rank {rank} of {processes})",
+          flush=True)
     return 0
 
 

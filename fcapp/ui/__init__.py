@@ -1,4 +1,4 @@
-"""The Gradio app: one module per tab (functions, solve, curate, train, compare) and app.py.
+"""The Gradio app: one module per tab (overview, functions, solve, generate, curate, train, compare) and app.py.
 
 Gradio reads GRADIO_TEMP_DIR when it is imported, so the environment is set here, before any tab
 module imports it: analytics off, temporary and uploaded files under the fcapp data folder.

@@ -53,53 +53,7 @@ def schemas_json(task: str | None) -> dict:
     return {r["name"]: r["schema"] for r in user_tools.function_rows(task) if r["schema"]}
 
 
-def refresh(task: str | None):
-    rows = user_tools.function_rows(task) if task else []
-    names = [r["name"] for r in rows]
-    enabled = [r["name"] for r in rows if r["enabled"]]
-    users = [r["name"] for r in rows if r["kind"] == "user"]
-    return (function_table(task), gr.update(choices=names, value=enabled), schemas_json(task), prompt_preview(task),
-            gr.update(choices=names), gr.update(choices=users))
-
-
-def save(task: str | None, source: str, examples: str):
-    try:
-        function = user_tools.save_function(source or "", examples, enable_for=[task] if task else [])
-    except (SchemaError, ValueError) as exc:
-        return (f"✗ Not saved: {exc}", *[gr.update()] * 6)
-    rows = refresh(task)
-    note = f"✓ Saved **{function.name}** and switched it on for {task}. {namespaces.status()}"
-    return (note, *rows[:4], gr.update(choices=rows[4]["choices"], value=function.name),
-            gr.update(choices=rows[5]["choices"], value=function.name))
-
-
-def switch(task: str | None, chosen: list[str]):
-    """Apply the checkbox group: every listed function on, the others off (for this task only)."""
-    if not task:
-        return gr.update(), gr.update(), gr.update(), gr.update()
-    changed = []
-    for row in user_tools.function_rows(task):
-        if (row["name"] in chosen) != row["enabled"]:
-            user_tools.set_enabled(task, row["name"], row["name"] in chosen)
-            changed.append(f"**{row['name']}** {'on' if row['name'] in chosen else 'off'}")
-    note = f"Switched {', '.join(changed)} for {task}." if changed else gr.update()
-    return function_table(task), schemas_json(task), prompt_preview(task), note
-
-
-def load_user(name: str | None):
-    function = user_tools.get_function(name) if name else None
-    if function is None:
-        return gr.update(), gr.update(), "Pick one of your functions to edit it."
-    return function.source, json.dumps(function.examples), f"Editing **{function.name}**: save to replace it."
-
-
-def delete(task: str | None, name: str | None):
-    if not name or not user_tools.delete_function(name):
-        return ("Nothing to delete.", *[gr.update()] * 6)
-    return (f"Deleted **{name}**.", *refresh(task))
-
-
-def call(task: str | None, name: str | None, arguments: str):
+def call(task: str | None, name: str | None, arguments: str) -> str:
     if not task or not name:
         return "Pick a function first."
     try:
@@ -127,6 +81,51 @@ def example_args(task: str | None, name: str | None) -> str:
 
 
 def build(ctx: Context) -> None:
+    def refresh(task: str | None, picked: str | None = None, mine_value: str | None = None) -> dict:
+        """The task's functions everywhere they show. The two pickers keep their value only while it still
+        names a function (a deleted one is not left behind as a stale choice)."""
+        rows = user_tools.function_rows(task) if task else []
+        names = [r["name"] for r in rows]
+        users = [r["name"] for r in rows if r["kind"] == "user"]
+        return {table: function_table(task), enabled: gr.update(choices=names, value=[r["name"] for r in rows if r["enabled"]]),
+                schemas: schemas_json(task), preview: prompt_preview(task),
+                target: gr.update(choices=names, value=picked if picked in names else None),
+                mine: gr.update(choices=users, value=mine_value if mine_value in users else None)}
+
+    def save(task: str | None, source_text: str, examples_text: str) -> dict:
+        try:
+            function = user_tools.save_function(source_text or "", examples_text, enable_for=[task] if task else [])
+        except (SchemaError, ValueError) as exc:
+            return {note: f"✗ Not saved: {exc}"}
+        return refresh(task, function.name, function.name) | {
+            note: f"✓ Saved **{function.name}** and switched it on for {task}. {namespaces.status()}"}
+
+    def switch(task: str | None, chosen: list[str]) -> dict:
+        """Apply the checkbox group: every listed function on, the others off (for this task only)."""
+        if not task:
+            return gr.skip()
+        changed = []
+        for row in user_tools.function_rows(task):
+            if (row["name"] in chosen) != row["enabled"]:
+                user_tools.set_enabled(task, row["name"], row["name"] in chosen)
+                changed.append(f"**{row['name']}** {'on' if row['name'] in chosen else 'off'}")
+        updates = {table: function_table(task), schemas: schemas_json(task), preview: prompt_preview(task)}
+        return updates | ({note: f"Switched {', '.join(changed)} for {task}."} if changed else {})
+
+    def load_user(name: str | None) -> dict:
+        function = user_tools.get_function(name) if name else None
+        if function is None:
+            return {note: "Pick one of your functions to edit it."}
+        return {source: function.source, examples: json.dumps(function.examples),
+                note: f"Editing **{function.name}**: save to replace it."}
+
+    def delete(task: str | None, name: str | None, picked: str | None) -> dict:
+        if not name:
+            return refresh(task, picked) | {note: "Pick one of your functions to delete it."}
+        if not user_tools.delete_function(name):
+            return refresh(task, picked) | {note: f"**{name}** is already deleted."}
+        return refresh(task, picked) | {note: f"Deleted **{name}**.", source: TEMPLATE, examples: TEMPLATE_EXAMPLES}
+
     with gr.Tab("Functions", id="functions", elem_id="tab-functions"):
         gr.Markdown("The functions a model may call for each task, with the descriptions and call examples "
                     "injected into its prompt. Add your own in Python: type hints and the docstring become the "
@@ -164,12 +163,12 @@ def build(ctx: Context) -> None:
                 call_btn = gr.Button("Call", elem_id="fn-try-call")
                 result = gr.Markdown(elem_id="fn-try-result")
 
-        outputs = [table, enabled, schemas, preview, target, mine]
-        task.change(refresh, task, outputs)
-        enabled.input(switch, [task, enabled], [table, schemas, preview, note])
-        save_btn.click(save, [task, source, examples], [note, *outputs])
-        delete_btn.click(delete, [task, mine], [note, *outputs])
-        mine.input(load_user, mine, [source, examples, note])
-        target.change(example_args, [task, target], arguments)
-        call_btn.click(call, [task, target, arguments], result)
-        ctx.loaders.append((refresh, [task], outputs))
+    listed = {table, enabled, schemas, preview, target, mine}
+    task.change(refresh, task, listed)
+    enabled.input(switch, [task, enabled], {table, schemas, preview, note})
+    save_btn.click(save, [task, source, examples], listed | {note})
+    delete_btn.click(delete, [task, mine, target], listed | {note, source, examples})
+    mine.input(load_user, mine, {source, examples, note})
+    target.change(example_args, [task, target], arguments)
+    call_btn.click(call, [task, target, arguments], result)
+    ctx.loaders.append((refresh, [task], listed))

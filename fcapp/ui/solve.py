@@ -1,4 +1,5 @@
-"""Solve (live) tab: one problem, one model, the chain streamed token by token and step by step."""
+"""Solve (live) tab: one problem, one model, the chain streamed token by token and step by step; Stop ends it
+cleanly, keeping what it had."""
 
 from __future__ import annotations
 
@@ -6,10 +7,11 @@ import time
 
 import gradio as gr
 
+from fcapp.jobs import SLOT
 from fcapp.solve import SolveConfig, solve_events
-from fcapp.ui.common import (EMBEDDED, MODEL_HELP, MODEL_SLOT, ChainView, Context, busy, chatbot, default_task,
-                             get_model, get_problem, model_choices, problem_choices, short, task_choices,
-                             verdict_text)
+from fcapp.ui.common import (EMBEDDED, MODEL_HELP, STOPS, ChainView, Context, chatbot, default_task, get_model,
+                             get_problem, model_choices, problem_choices, question_md, short, stop_words, task_choices,
+                             verdict_text, wait_for_slot, who)
 
 
 def problem_update(task: str | None, split: str):
@@ -24,60 +26,81 @@ def problem_text(task: str | None, problem_id: str | None) -> str:
 
     try:
         problem = get_task(task).get(problem_id)
-    except KeyError as exc:
-        return f"✗ {exc}"
-    return f"**{problem.id}** ({problem.split}) · expected answer: `{problem.answer}`\n\n{problem.question}"
+    except KeyError:  # the problem list is catching up with a task just switched
+        return ""
+    return f"**{problem.id}** ({problem.split}) · expected answer: `{problem.answer}`\n\n{question_md(problem.question)}"
 
 
-def stream_chain(task_obj, problem, model, config: SolveConfig, view: ChainView, every_s: float = 0.08):
-    """Feed `view` from a live chain; yields whenever there is something new worth drawing."""
+def stream_chain(task_obj, problem, model, config: SolveConfig, view: ChainView, stop=None, every_s: float = 0.08):
+    """Feed `view` from a live chain; yields whenever there is something new worth drawing. Ends early, the
+    view marked stopped, once `stop` is set."""
     events = solve_events(task_obj, problem, model, config)
     last = 0.0
     try:
         for event in events:
             view.feed(event)
+            if stop is not None and stop.is_set():
+                view.stop()
+                yield event
+                return
             now = time.monotonic()
             if event.kind != "token" or now - last >= every_s:
                 last = now
                 yield event
     finally:
-        events.close()  # a cancelled run stops generating at once
+        events.close()  # a stopped or cancelled run stops generating at once
 
 
 def summary(chain) -> str:
     n = len(chain.steps)
     return (f"{n} step{'' if n == 1 else 's'} · {chain.valid_calls} valid calls · {chain.completion_tokens} tokens · "
-            f"{chain.elapsed_s:.1f} s · stop: {chain.stop_reason}")
+            f"{chain.elapsed_s:.1f} s · {stop_words(chain.stop_reason)}")
 
 
 def build(ctx: Context) -> None:
     def run(task, split, problem_id, question, expected, spec, max_steps, temperature, top_p, max_new_tokens,
-            seed, save):
+            seed, save, request: gr.Request):
         try:
-            task_obj, problem = get_problem(task, problem_id, question, expected)
+            task_obj, problem = get_problem(task, problem_id, question, expected, split)
         except (ValueError, KeyError) as exc:
-            yield [], f"✗ {exc}"
+            yield {chat: [], verdict: f"✗ {exc.args[0] if exc.args else exc}"}
             return
+        picked = {} if problem.id == "custom" else {
+            problem_dd: gr.update(value=problem.id), problem_md: problem_text(task, problem.id)}
         spec = (spec or EMBEDDED).strip()
         view = ChainView(problem.question, problem.answer or None)
-        yield view.messages(), f"Loading {spec}…"
-        with busy(f"Solve: {short(problem.id, 30)} with {short(spec, 40)}"):
+        stop = STOPS.begin(request, "solve")
+        yield picked | {chat: view.messages(), verdict: f"Starting {spec}…", run_btn: gr.update(interactive=False)}
+        held = yield from wait_for_slot(f"Solve: {short(problem.id, 30)} with {short(spec, 40)} for {who(request)}",
+                                        stop, lambda words: {verdict: words})
+        try:
+            if not held:
+                yield {verdict: "Stopped before it started.", run_btn: gr.update(interactive=True)}
+                return
+            yield {verdict: f"Loading {spec}…"}
             try:
                 model = get_model(spec)
             except Exception as exc:  # noqa: BLE001 - any load failure is shown, the app goes on
-                yield view.messages(), f"✗ Cannot load model {spec!r}: {exc}"
+                yield {verdict: f"✗ Cannot load model {spec!r}: {exc}", run_btn: gr.update(interactive=True)}
                 return
             config = SolveConfig(int(max_steps), float(temperature), float(top_p), int(max_new_tokens), int(seed))
-            yield view.messages(), f"Solving with {spec}…"
+            yield {verdict: f"Solving with {spec}…"}
             try:
-                for _ in stream_chain(task_obj, problem, model, config, view):
-                    yield view.messages(), f"Solving with {spec}… step {len(view.steps)}"
+                for _ in stream_chain(task_obj, problem, model, config, view, stop):
+                    yield {chat: view.messages(), verdict: f"Solving with {spec}… step {len(view.steps)}"}
             except Exception as exc:  # noqa: BLE001 - e.g. an unreachable server mid-chain
-                view.stop(f"Stopped by an error: {exc}")
-                yield view.messages(), f"✗ {exc}"
+                note = view.stop(f"Stopped by an error ({exc})")
+                yield {chat: view.messages(), verdict: f"✗ {note}", run_btn: gr.update(interactive=True)}
                 return
+        finally:
+            if held:
+                SLOT.release()
+            STOPS.end(request, "solve", stop)
         chain = view.chain
-        if chain is None:
+        if view.stopped or chain is None:
+            n = len(view.steps)
+            yield {chat: view.messages(), verdict: f"**Stopped** after {n} step{'' if n == 1 else 's'}: no final answer.",
+                   run_btn: gr.update(interactive=True)}
             return
         note = f"{verdict_text(chain.verdict, chain.answer, problem.answer)}\n\n{summary(chain)}"
         if save:
@@ -85,15 +108,22 @@ def build(ctx: Context) -> None:
                 ctx.store.add_problems([problem])
             chain_id = ctx.store.add_chain(chain, chain.verdict, role="live")
             note += f" · saved as chain {chain_id}"
-        yield view.messages(), note
+        yield {chat: view.messages(), verdict: note, run_btn: gr.update(interactive=True)}
+
+    def stop(request: gr.Request) -> dict:
+        if not STOPS.stop(request, "solve"):
+            return {verdict: "Nothing is running."}
+        return gr.skip()  # the run itself draws its stopped state
 
     with gr.Tab("Solve (live)", id="solve", elem_id="tab-solve"):
         with gr.Row():
             task = gr.Dropdown(list(task_choices()), value=default_task(), label="Task", elem_id="solve-task", scale=1)
             split = gr.Radio(["heldout", "train"], value="heldout", label="Split", elem_id="solve-split", scale=1)
             initial = problem_choices(default_task(), "heldout")
-            problem = gr.Dropdown(initial, value=initial[0][1] if initial else None, label="Problem",
-                                  elem_id="solve-problem", scale=3)
+            # a value the list no longer holds (the task was just switched) reaches the handler, which solves the
+            # first problem of the new list instead of failing
+            problem_dd = gr.Dropdown(initial, value=initial[0][1] if initial else None, label="Problem",
+                                     allow_custom_value=True, elem_id="solve-problem", scale=3)
         problem_md = gr.Markdown(problem_text(default_task(), initial[0][1] if initial else None),
                                  elem_id="solve-problem-text")
         with gr.Accordion("…or type your own problem", open=False):
@@ -118,11 +148,10 @@ def build(ctx: Context) -> None:
         verdict = gr.Markdown(elem_id="solve-verdict")
         chat = chatbot("solve-chat", 560)
 
-        task.change(problem_update, [task, split], problem)
-        split.change(problem_update, [task, split], problem)
-        problem.change(problem_text, [task, problem], problem_md)
-        event = run_btn.click(run, [task, split, problem, question, expected, model, max_steps, temperature, top_p,
-                                    max_new, seed, save], [chat, verdict],
-                              concurrency_limit=1, concurrency_id=MODEL_SLOT)
-        stop_btn.click(lambda: "Stopped.", None, verdict, cancels=[event])
-        ctx.loaders.append((lambda: gr.update(choices=model_choices()), [], [model]))
+    ctx.model_pickers.append(model)
+    task.change(problem_update, [task, split], problem_dd)
+    split.change(problem_update, [task, split], problem_dd)
+    problem_dd.change(problem_text, [task, problem_dd], problem_md)
+    run_btn.click(run, [task, split, problem_dd, question, expected, model, max_steps, temperature, top_p, max_new,
+                        seed, save], {chat, verdict, run_btn, problem_dd, problem_md}, show_progress="hidden")
+    stop_btn.click(stop, None, {verdict}, show_progress="hidden")

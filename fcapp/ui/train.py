@@ -12,6 +12,7 @@ import dataclasses
 import threading
 import time
 import typing
+from pathlib import Path
 from typing import Any
 
 import gradio as gr
@@ -19,15 +20,17 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from fcapp import training
-from fcapp.paths import data_dir
+from fcapp.pipeline import overview
 from fcapp.training.config import METHODS, TrainConfig, defaults
-from fcapp.trainsets import SFT_SOURCES, export_pairs
-from fcapp.ui.common import EMBEDDED, Context, default_task, fmt_seconds, model_choices, task_choices
+from fcapp.training.job import preview, render_preview
+from fcapp.trainsets import SFT_SOURCES, import_pairs
+from fcapp.ui.common import EMBEDDED, Context, default_task, fmt_seconds, model_choices, safe_upload, task_choices
 
 HISTORY_HEADERS = ["name", "method", "task", "status", "steps", "rows", "result", "started", "seconds"]
 FROM_CHAINS = "built from the store's chains"
 # Chosen in the header of the tab, or not options of a run started from the app.
-NOT_IN_FORM = ("name", "method", "data", "task", "base", "out_dir", "resume", "db", "warmup_data", "lora_targets")
+NOT_IN_FORM = ("name", "method", "data", "pair_set", "sources", "task", "base", "out_dir", "resume", "db", "warmup_data",
+               "lora_targets")
 METHOD_NOTES = {
     "sft": "Supervised fine-tuning on correct chains (reference, verifier-accepted, accepted by a person); the loss "
            "covers the model's calls only. The first step for a small model.",
@@ -64,6 +67,12 @@ def _component(f: dataclasses.Field, method: str) -> gr.components.Component:
 
 def _tri(value: bool | None) -> str:
     return {None: "auto", True: "on", False: "off"}[value]
+
+
+def _shown(f: dataclasses.Field, value: Any) -> Any:
+    """A config value as its form component shows it: an optional yes / no as auto, on or off."""
+    return _tri(value) if set(typing.get_args(typing.get_type_hints(TrainConfig)[f.name])) == {bool, type(None)} \
+        else value
 
 
 def _from_form(f: dataclasses.Field, value: Any) -> Any:
@@ -149,7 +158,7 @@ def progress_html(name: str, method: str, info: dict[str, Any], log: list[dict[s
     fraction = step / total if total else (1.0 if status == "finished" else 0.0)
     parts = [f"<b>{name}</b> ({method})", f"status <b id='train-status-word'>{status}</b>"]
     if total:
-        parts.append(f"{'round' if method == 'rounds' else 'step'} {step}/{total}")
+        parts.append(f"{'round' if method == 'rounds' else 'step'} {step} of {total}")
     if info.get("stage") and status == "running":
         parts.append(f"stage {info['stage']}")
     if status in ("starting", "running") and last.get("eta_s") is not None and method != "rounds":
@@ -178,68 +187,119 @@ def history() -> list[list]:
             for r in training.list_runs()[:50]]
 
 
+def preview_chart(facts: dict[str, Any] | None) -> go.Figure:
+    """The token lengths of the rows a run would train on, against max_length."""
+    figure = go.Figure()
+    if facts and facts["lengths"]:
+        figure.add_trace(go.Histogram(x=facts["lengths"], nbinsx=30, name="rows"))
+        figure.add_vline(x=facts["max_length"], line_dash="dash", line_color="#c00",
+                         annotation_text=f"max_length {facts['max_length']}")
+    figure.update_layout(title="Tokens per row (prompt + completion, the longer side of a pair)", height=260,
+                         xaxis_title="tokens", yaxis_title="rows", margin=dict(l=40, r=40, t=40, b=40))
+    return figure
+
+
 # ---- the tab -------------------------------------------------------------------------------------------
 def build(ctx: Context) -> None:
     store = ctx.store
     fields = form_fields()
 
-    def pair_sets(task: str | None) -> list[str]:
-        sets = sorted({p["policy"] for p in store.list_pairs(task=task) if p["policy"].startswith("imported")})
-        return [FROM_CHAINS, *sets]
+    def pair_set_choices(task: str | None) -> list[tuple[str, str]]:
+        """Pairs built now from the chains, then every stored pair set of the task (imports included)."""
+        sets = store.pair_sets(task) | store.pair_sets("unknown")
+        return [(FROM_CHAINS, FROM_CHAINS), *[(f"{name} ({n} pairs)", name) for name, n in sorted(sets.items())]]
+
+    def config_of(method, task, base, name, pair_set, chosen_sources, values) -> TrainConfig:
+        """The run the form describes (ValueError with the reason when it cannot be one)."""
+        if not task:
+            raise ValueError("pick a task")
+        name = (name or "").strip() or f"{method}-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
+        options = {f.name: _from_form(f, v) for f, v in zip(fields, values) if method in f.metadata["methods"]}
+        if method == "dpo" and pair_set and pair_set != FROM_CHAINS:
+            options["pair_set"] = pair_set
+        if method == "sft":
+            options["sources"] = list(chosen_sources or SFT_SOURCES)
+        return TrainConfig(name=name, method=method, task=task, base=(base or EMBEDDED).strip(), db=str(store.path),
+                           **options)
+
+    def form(config: dict[str, Any], locked: bool) -> dict:
+        """The form showing `config` (a run's settings), locked while that run goes."""
+        method_name = config.get("method", "dpo")
+        updates = {method: gr.update(value=method_name, interactive=not locked),
+                   task: gr.update(value=config.get("task"), interactive=not locked),
+                   base_model: gr.update(value=config.get("base"), interactive=not locked),
+                   name: gr.update(value=config.get("name"), interactive=not locked),
+                   pairs: gr.update(choices=pair_set_choices(config.get("task")), value=config.get("pair_set") or FROM_CHAINS,
+                                    visible=method_name == "dpo", interactive=not locked),
+                   sources: gr.update(value=config.get("sources") or list(SFT_SOURCES), visible=method_name == "sft",
+                                      interactive=not locked),
+                   start_btn: gr.update(interactive=not locked), preview_btn: gr.update(interactive=not locked),
+                   uploaded: gr.update(interactive=not locked), method_note: METHOD_NOTES[method_name]}
+        if locked:  # the running run's settings in sight
+            updates[advanced] = gr.Accordion(open=True)
+        for f in fields:
+            value = config.get(f.name, f.default)
+            updates[components[f.name]] = gr.update(value=_shown(f, value),
+                                                    visible=method_name in f.metadata["methods"],
+                                                    interactive=not locked)
+        return updates
+
+    def unlock() -> dict:
+        return {c: gr.update(interactive=True) for c in (method, task, base_model, name, pairs, sources, start_btn,
+                                                         preview_btn, uploaded, *components.values())}
 
     def view(run: dict[str, Any] | None) -> dict:
         """Charts, progress, card, settings, worker output and whether to keep polling, for one run."""
         if not run:
             main, side = charts("dpo", [])
-            return {chart_main: main, chart_side: side, settings: {}, card: {}, worker_log: "", timer: gr.Timer(active=False),
-                    progress: "<div id='train-progress-inner' data-status='none'>No run yet: pick a method and "
-                              "press Train.</div>"}
+            return {chart_main: main, chart_side: side, settings: {}, card: {}, worker_log: "",
+                    timer: gr.Timer(active=False),
+                    progress: "<div id='train-progress-inner' data-status='none'>No run yet: pick a method, check "
+                              "what it would train on with <b>Preview</b>, and press <b>Train</b>.</div>"}
         job = training.attach(run["out"])
         info, log = job.poll(), job.read_log()
-        method = job.config.get("method", "dpo")
-        main, side = charts(method, log)
+        run_method = job.config.get("method", "dpo")
+        main, side = charts(run_method, log)
         active = info.get("status") not in training.TERMINAL
-        return {chart_main: main, chart_side: side, progress: progress_html(job.name, method, info, log),
-                card: job.card, settings: job.config, worker_log: job.worker_output(60),
-                timer: gr.Timer(active=active), start_btn: gr.update(interactive=not active)}
+        return {chart_main: main, chart_side: side, progress: progress_html(job.name, run_method, info, log),
+                card: job.card, settings: job.config, worker_log: job.worker_output(60), timer: gr.Timer(active=active)}
 
-    def on_method(method: str, adapter: str) -> dict:
-        values = defaults(method) | {"adapter": adapter} if method != "rounds" else defaults(method)
-        values["learning_rate"] = TrainConfig(name="x", method=method, task="fol", adapter=adapter).learning_rate
-        updates = {components[f.name]: gr.update(visible=method in f.metadata["methods"],
-                                                 value=_tri(values[f.name]) if f.name in ("bf16", "demo")
-                                                 else values.get(f.name, f.default))
+    def on_method(method_name: str, adapter: str) -> dict:
+        values = defaults(method_name) | {"adapter": adapter} if method_name != "rounds" else defaults(method_name)
+        values["learning_rate"] = TrainConfig(name="x", method=method_name, task="fol", adapter=adapter).learning_rate
+        updates = {components[f.name]: gr.update(visible=method_name in f.metadata["methods"],
+                                                 value=_shown(f, values[f.name]))
                    for f in fields if f.name in values}
         updates |= {components[f.name]: gr.update(visible=False) for f in fields if f.name not in values}
-        return updates | {method_note: METHOD_NOTES[method], pairs: gr.update(visible=method == "dpo"),
-                          sources: gr.update(visible=method == "sft")}
+        return updates | {method_note: METHOD_NOTES[method_name], pairs: gr.update(visible=method_name == "dpo"),
+                          sources: gr.update(visible=method_name == "sft")}
 
-    def start(method, task, base, name, pair_set, chosen_sources, *values):
-        if not task:
-            raise gr.Error("Pick a task.")
-        name = (name or "").strip() or f"{method}-{task}-{time.strftime('%Y%m%d-%H%M%S')}"
-        options = {f.name: _from_form(f, v) for f, v in zip(fields, values) if method in f.metadata["methods"]}
+    def show_preview(method_name, task_name, base, run_name, pair_set, chosen_sources, *values) -> dict:
         try:
-            data = None
-            if method == "dpo" and pair_set and pair_set != FROM_CHAINS:
-                data = data_dir("exports") / f"{name}-{pair_set}.jsonl"
-                export_pairs(store.list_pairs(task=task, policy=pair_set), data)
-            config = TrainConfig(name=name, method=method, task=task, base=(base or EMBEDDED).strip(),
-                                 data=str(data) if data else None, db=str(store.path), **options)
-            if method == "sft":
-                from fcapp.trainsets import make_examples
+            facts = preview(config_of(method_name, task_name, base, run_name or "preview", pair_set, chosen_sources,
+                                      values), store)
+        except (ValueError, RuntimeError, OSError) as exc:  # TrainingDataError is a ValueError: said, not raised
+            return {preview_md: f"✗ Nothing to train on: {exc}", preview_plot: preview_chart(None),
+                    preview_row: gr.update(visible=True)}
+        warning = ""
+        if facts["too_long"] and not facts["drop_too_long"]:
+            warning = (f"\n\n⚠ {facts['too_long']} rows are longer than max_length {facts['max_length']}: the run "
+                       f"would refuse them. Raise max_length to {max(facts['lengths'])} or switch on drop too long.")
+        text = render_preview(facts).replace("\n", "  \n")
+        return {preview_md: text + warning, preview_plot: preview_chart(facts), preview_row: gr.update(visible=True)}
 
-                staging = data_dir("exports") / f"{name}-examples.jsonl"
-                make_examples(store, [task], staging, tuple(chosen_sources or SFT_SOURCES))
-                config.data = str(staging)
+    def start(method_name, task_name, base, run_name, pair_set, chosen_sources, *values) -> dict:
+        try:
+            config = config_of(method_name, task_name, base, run_name, pair_set, chosen_sources, values)
             job = training.start_training(config, store)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise gr.Error(str(exc)) from None
-        run = {"name": name, "out": str(job.out)}
-        return {run_state: run, status_note: f"Started **{name}** ({method}, worker pid {job.pid}). Closing this "
-                                             "tab does not stop it.", runs: history(), **view(run)}
+        except (ValueError, RuntimeError, OSError) as exc:  # a taken name, no data, a bad option: a message
+            return {status_note: f"✗ Not started: {exc}"}
+        run = {"name": config.name, "out": str(job.out)}
+        return {run_state: run, status_note: f"Started **{config.name}** ({method_name}, worker pid {job.pid}). "
+                                             "Closing this tab does not stop it.",
+                runs: history(), **view(run), **form(config.to_dict(), locked=True)}
 
-    def tick(run, seen):
+    def tick(run, seen) -> dict:
         if not run:
             return {timer: gr.Timer(active=False)}
         updates = view(run)
@@ -250,36 +310,62 @@ def build(ctx: Context) -> None:
         updates[seen_state] = key
         if not updates[timer].active:
             status = job.poll().get("status", "ended")
-            updates |= {runs: history(), base_model: gr.update(choices=model_choices()),
-                        status_note: f"Run **{run['name']}** {status}."}
+            updates |= {runs: history(), status_note: f"Run **{run['name']}** {status}.", **unlock()}
         return updates
 
-    def stop(run):
+    def stop(run) -> dict:
         if not run:
-            return "No run to stop."
+            return {status_note: "No run to stop."}
         job = training.attach(run["out"])
         threading.Thread(target=job.stop, daemon=True, name=f"stop-{run['name']}").start()
-        return f"Stopping **{run['name']}** after its current step (it saves what it has)…"
+        return {status_note: f"Stopping **{run['name']}** after its current step (it saves what it has)…"}
 
-    def reattach():
-        """On page load: follow a run still going, else show the latest run."""
+    def reattach() -> dict:
+        """On page load: follow a run still going, its settings in the locked form; else show the latest run."""
         all_runs = training.list_runs()
         going = next((r for r in all_runs if r["status"] not in training.TERMINAL), None)
         run = going or (all_runs[0] if all_runs else None)
         run = {"name": run["name"], "out": run["out"]} if run else None
-        message = f"Reattached to **{run['name']}**, still running." if going else ""
-        return {run_state: run, status_note: message, runs: history(), base_model: gr.update(choices=model_choices()),
-                pairs: gr.update(choices=pair_sets(default_task())), **view(run)}
+        updates = {run_state: run, runs: history(), **data_state(default_task()), **view(run)}
+        if going:
+            updates |= form(training.attach(going["out"]).config, locked=True)
+            updates[status_note] = f"Reattached to **{going['name']}**, still running: its settings are shown."
+        return updates
 
-    def open_run(evt: gr.SelectData):
+    def open_run(evt: gr.SelectData) -> dict:
         row = evt.row_value
         match = next((r for r in training.list_runs() if row and r["name"] == row[0]), None)
         if match is None:
-            return {}
+            return gr.skip()
         run = {"name": match["name"], "out": match["out"]}
         return {run_state: run, **view(run)}
 
-    with gr.Tab("Train", id="train", elem_id="tab-train"):
+    def data_state(task_name: str | None) -> dict:
+        """The pair sets to choose from, and the empty state when the task has nothing to train on yet."""
+        facts = overview(store, task_name) if task_name else None
+        nothing = facts is not None and not facts["pairs"]["problems"] and not facts["pairs"]["sets"]
+        text = "" if not nothing else (
+            f"**Nothing to train on yet for {task_name}.** DPO needs a training problem with a correct and an "
+            f"incorrect chain, SFT needs correct chains; the store has {facts['chains']['total']} chains of it. "
+            "Generate chains, or label the ones there (GRPO and rounds need none: they sample their own).")
+        return {pairs: gr.update(choices=pair_set_choices(task_name)), empty_md: text,
+                empty: gr.update(visible=nothing)}
+
+    def upload(file, task_name) -> dict:
+        if file is None:
+            return {import_note: "Choose a JSONL or Parquet preference file."}
+        original = getattr(file, "orig_name", None) or str(file)
+        path = safe_upload(file, original)
+        try:
+            imported = import_pairs(path, store, file_name=Path(original).name)
+        except ValueError as exc:  # a broken file or held-out problems: nothing is stored
+            return {import_note: f"✗ Not imported: {exc}"}
+        return {import_note: f"Imported {imported['pairs']} pairs from {Path(original).name} as pair set "
+                             f"**{imported['policy']}** ({', '.join(imported['tasks'])}); it is selected for DPO. "
+                             "Another import never replaces it.",
+                pairs: gr.update(choices=pair_set_choices(task_name), value=imported["policy"])}
+
+    with gr.Tab("Train", id="train", elem_id="tab-train") as tab:
         gr.Markdown("Train the small model on what the store holds. Training runs in its own process: it keeps "
                     "going when you close the tab, and this page picks it up again when you come back. Held-out "
                     "problems are never trained on.")
@@ -291,46 +377,69 @@ def build(ctx: Context) -> None:
                                      elem_id="train-base")
             name = gr.Textbox(label="Name of the tuned model (empty: automatic)", elem_id="train-name")
         method_note = gr.Markdown(METHOD_NOTES["dpo"], elem_id="train-method-note")
-        with gr.Row():
-            pairs = gr.Dropdown([FROM_CHAINS], value=FROM_CHAINS, label="Pairs", elem_id="train-pairs",
-                                info="pairs built now from the curated chains, or an imported pair set")
+        with gr.Row(visible=False, elem_id="train-empty", elem_classes="fc-empty", equal_height=True) as empty:
+            empty_md = gr.Markdown()
+            generate_go = gr.Button("Generate chains →", variant="primary", elem_id="train-empty-generate", scale=0,
+                                    min_width=180)
+            label_go = gr.Button("Label chains →", elem_id="train-empty-label", scale=0, min_width=160)
+        with gr.Row(equal_height=True):
+            pairs = gr.Dropdown(pair_set_choices(default_task()), value=FROM_CHAINS, label="Pairs",
+                                elem_id="train-pairs", scale=2,
+                                info="pairs built now from the curated chains, or a stored pair set (an import)")
+            uploaded = gr.File(label="Import a preference file (JSONL / Parquet) as a pair set",
+                               file_types=[".jsonl", ".parquet"], elem_id="train-import", scale=1, height=90)
             sources = gr.CheckboxGroup(list(SFT_SOURCES), value=list(SFT_SOURCES), label="Correct chains from",
                                        visible=False, elem_id="train-sources")
-        with gr.Accordion("Settings", open=False, elem_id="train-advanced"):
+        import_note = gr.Markdown(elem_id="train-import-note")
+        with gr.Accordion("Settings", open=False, elem_id="train-advanced") as advanced:
             components = {}
             for group in range(0, len(fields), 4):
                 with gr.Row():
                     for f in fields[group:group + 4]:
                         components[f.name] = _component(f, "dpo")
         with gr.Row():
+            preview_btn = gr.Button("Preview the data", elem_id="train-preview-btn")
             start_btn = gr.Button("Train", variant="primary", elem_id="train-start")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="train-stop")
+        with gr.Row(equal_height=False, visible=False) as preview_row:
+            preview_md = gr.Markdown(elem_id="train-preview")
+            preview_plot = gr.Plot(elem_id="train-preview-chart", show_label=False)
         status_note = gr.Markdown(elem_id="train-note")
         progress = gr.HTML(elem_id="train-progress")
         with gr.Row():
             chart_main = gr.Plot(elem_id="train-chart-main", show_label=False)
             chart_side = gr.Plot(elem_id="train-chart-side", show_label=False)
+        with gr.Accordion("Worker output (the training process's log, live)", open=False, elem_id="train-log"):
+            worker_log = gr.Textbox(lines=12, max_lines=12, show_label=False, elem_id="train-worker-log")
         with gr.Accordion("Settings of this run", open=False):
             settings = gr.JSON(elem_id="train-settings")
         with gr.Accordion("Run card", open=False):
             card = gr.JSON(elem_id="train-card")
-        with gr.Accordion("Worker output", open=False):
-            worker_log = gr.Textbox(lines=12, max_lines=12, show_label=False, elem_id="train-worker-log")
         runs = gr.Dataframe(headers=HISTORY_HEADERS, value=history(), interactive=False, elem_id="train-history",
                             label="Runs from the app and the CLI (click one to see its charts and card)")
         timer = gr.Timer(1.0, active=False)
 
-    view_outputs = {chart_main, chart_side, progress, card, settings, worker_log, timer, start_btn}
+    ctx.model_pickers.append(base_model)
+    form_inputs = [method, task, base_model, name, pairs, sources, *components.values()]
+    form_outputs = set(form_inputs) | {start_btn, preview_btn, uploaded, method_note, advanced}
+    view_outputs = {chart_main, chart_side, progress, card, settings, worker_log, timer}
     adapter = components["adapter"]
-    method.change(on_method, [method, adapter], set(components.values()) | {pairs, sources, method_note})
-    adapter.change(lambda a, m: {components["learning_rate"]: TrainConfig(name="x", method=m, task="fol",
-                                                                           adapter=a).learning_rate},
-                   [adapter, method], {components["learning_rate"]})
-    start_btn.click(start, [method, task, base_model, name, pairs, sources, *components.values()],
-                    view_outputs | {run_state, status_note, runs})
-    timer.tick(tick, [run_state, seen_state], view_outputs | {seen_state, runs, base_model, status_note},
+    method.input(on_method, [method, adapter], set(components.values()) | {pairs, sources, method_note})
+    adapter.input(lambda a, m: {components["learning_rate"]: TrainConfig(name="x", method=m, task="fol",
+                                                                          adapter=a).learning_rate},
+                  [adapter, method], {components["learning_rate"]})
+    preview_btn.click(show_preview, form_inputs, {preview_md, preview_plot, preview_row})
+    start_btn.click(start, form_inputs, view_outputs | form_outputs | {run_state, status_note, runs})
+    timer.tick(tick, [run_state, seen_state], view_outputs | form_outputs | {seen_state, runs, status_note},
                show_progress="hidden")
-    stop_btn.click(stop, run_state, status_note)
-    task.change(lambda t: gr.update(choices=pair_sets(t), value=FROM_CHAINS), task, pairs)
+    stop_btn.click(stop, run_state, {status_note})
+    task.input(lambda t: data_state(t) | {pairs: gr.update(choices=pair_set_choices(t), value=FROM_CHAINS)}, task,
+               {pairs, empty, empty_md})
+    for trigger in (ctx.store_version.change, tab.select):
+        trigger(data_state, task, {pairs, empty, empty_md}, show_progress="hidden")
+    ctx.task_pickers["train"] = task
+    ctx.wiring.append(lambda: generate_go.click(lambda t: ctx.go("generate", t), task, ctx.navigation()))
+    ctx.wiring.append(lambda: label_go.click(lambda t: ctx.go("curate", t), task, ctx.navigation()))
+    uploaded.upload(upload, [uploaded, task], {import_note, pairs})
     runs.select(open_run, None, view_outputs | {run_state})
-    ctx.loaders.append((reattach, [], view_outputs | {run_state, status_note, runs, base_model, pairs}))
+    ctx.loaders.append((reattach, [], view_outputs | form_outputs | {run_state, status_note, runs, empty, empty_md}))
