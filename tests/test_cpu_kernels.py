@@ -1,0 +1,45 @@
+"""The CPU speed-ups of the local backend change no result: the [in, out] layout with its
+split-reduction matmul equals the plain Linear, and the thread chooser keeps the cheaper thread
+count, backing off a probe that a busy core makes hopeless."""
+
+from __future__ import annotations
+
+import torch
+
+from fcapp.models.cpu import ThreadChooser, lay_out_for_decode
+
+
+def test_the_split_reduction_matmul_equals_the_plain_one() -> None:
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(576, 1536, bias=True)
+    inputs = {rows: torch.randn(rows, 576) for rows in (1, 3, 40)}
+    plain = {rows: layer(x) for rows, x in inputs.items()}
+    lay_out_for_decode(layer)
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            for rows, x in inputs.items():
+                assert torch.allclose(layer(x), plain[rows], atol=1e-5), (threads, rows)
+            assert layer(inputs[1][None]).shape == (1, 1, 1536)  # leading dims kept
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_thread_chooser_keeps_the_cheaper_count_and_backs_off_a_hopeless_probe() -> None:
+    chooser = ThreadChooser(2)
+    costs = {1: 1.0, 2: 0.6}
+    for _ in range(40):
+        threads = chooser.next()
+        chooser.record(threads, costs[threads])
+    assert chooser.current == 2  # probed and switched
+    chooser = ThreadChooser(2)
+    costs = {1: 1.0, 2: 50.0}
+    tried = []
+    for _ in range(600):
+        threads = chooser.next()
+        tried.append(threads)
+        chooser.record(threads, costs[threads])
+    assert chooser.current == 1
+    assert tried.count(2) == 2  # one-pass probes, the second only after the longest wait
+    assert tried.index(2, tried.index(2) + 1) - tried.index(2) > ThreadChooser.LONGEST
