@@ -274,6 +274,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         _print(json.dumps({k: v for k, v in facts.items() if k != "lengths"}, indent=2) if args.json
                else render_preview(facts))
         return 0
+    if args.prepare_only:
+        from fcapp.training.job import prepare_training
+
+        config_path = prepare_training(config, _store(args) if args.db else None)
+        _print(f"run folder ready: {config_path.parent}\nstart it here with `python -m fcapp.training.worker --config "
+               f"{config_path}`, or on N GPUs with `accelerate launch --multi_gpu --num_processes N -m "
+               f"fcapp.training.worker --config {config_path}`")
+        return 0
     return _follow(start_training(config, _store(args) if args.db else None), config)
 
 
@@ -468,6 +476,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preview", action="store_true",
                    help="show what the run would train on (rows, token lengths, steps, estimated time) and stop")
     p.add_argument("--json", action="store_true", help="with --preview: print it as JSON")
+    p.add_argument("--prepare-only", action="store_true",
+                   help="check everything and write the run folder, then print the worker command (e.g. for "
+                        "accelerate launch) instead of starting it")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("status", help="where each task stands: problems, chains, pairs, tuned models, evaluations, "

@@ -306,12 +306,14 @@ def test_the_worker_trains_on_two_processes_under_accelerate(sft_file: Path, hom
     import subprocess
     import sys
 
+    from fcapp.training.job import prepare_training
+
     cfg = config(sft_file, "two-ranks", method="sft", max_length=1024, max_steps=2, batch_size=1)
-    cfg.out.mkdir(parents=True)
-    (cfg.out / "config.json").write_text(json.dumps(cfg.to_dict()))
+    config_path = prepare_training(cfg)  # `fcapp train --prepare-only`: checked and written, not started
+    assert config_path == cfg.out / "config.json" and not (cfg.out / "status.json").exists()
     done = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                           "-m", "fcapp.training.worker", "--config", str(cfg.out / "config.json")],
+                           "-m", "fcapp.training.worker", "--config", str(config_path)],
                           capture_output=True, text=True, timeout=900,
                           env=dict(os.environ, FCAPP_HOME=str(home / "home"), OMP_NUM_THREADS="1"))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -331,11 +331,12 @@ def render_preview(facts: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def start_training(config: TrainConfig, store: Any = None) -> TrainingJob:
-    """Check the config and data here (errors at once), then run it in a worker process. A config with a
-    task and no data file trains on the set built from `store` (default: the data folder's), written
-    into the run folder as data.jsonl. A name already taken by a running run, a model or checkpoints is
-    refused before anything is written."""
+def prepare_training(config: TrainConfig, store: Any = None) -> Path:
+    """Check the config and data (errors at once) and write the run folder, ready for a worker: its
+    config.json is returned (`accelerate launch -m fcapp.training.worker --config` takes it too). A config
+    with a task and no data file trains on the set built from `store` (default: the data folder's),
+    written into the run folder as data.jsonl. A name already taken by a running run, a model or
+    checkpoints is refused before anything is written."""
     out = config.out
     existing = read_json(out / "status.json")
     if existing and existing.get("status") not in TERMINAL and TrainingJob(out).poll()["status"] not in TERMINAL:
@@ -365,6 +366,13 @@ def start_training(config: TrainConfig, store: Any = None) -> TrainingJob:
         (out / stale).unlink(missing_ok=True)
     config_path = out / "config.json"
     atomic_write_json(config_path, config.to_dict())
+    return config_path
+
+
+def start_training(config: TrainConfig, store: Any = None) -> TrainingJob:
+    """Prepare the run folder (`prepare_training`), then run it in a worker process of its own."""
+    config_path = prepare_training(config, store)
+    out = config.out
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1", TOKENIZERS_PARALLELISM="false",
                PYTHONUNBUFFERED="1", TRL_EXPERIMENTAL_SILENCE="1")
     with (out / "worker.log").open("ab") as log:
