@@ -472,7 +472,8 @@ def test_curate_a_queue_with_auto_advance_undo_warnings_and_blind_ab(page, app, 
 
     page.get_by_text("Preference dataset").click()
     page.click("#cur-export")
-    expect(page.locator("#cur-export-note")).to_contain_text("Built ")
+    # the first export of a fresh cache labels the FOLIO-derived problems with z3 (the held-out guard): seconds
+    expect(page.locator("#cur-export-note")).to_contain_text("Built ", timeout=120_000)
     expect(page.locator("#cur-export-file")).to_contain_text(".jsonl")
     page.locator("#cur-chain-id input").fill(str(w1))  # open a chain by its id, too
     page.click("#cur-open")
@@ -589,12 +590,11 @@ def test_train_tiny_grpo_run_draws_its_reward_chart(page):
     progress = page.locator("#train-progress-inner")
     expect(progress).to_have_attribute("data-method", "grpo")
     expect(page.locator("#train-start")).to_be_disabled()
-    expect(progress).to_have_attribute("data-step", "1", timeout=600_000)
-    rewards = page.locator("#train-chart-main .scatterlayer .trace .point")
-    expect(rewards.first).to_be_attached()
-    first = rewards.count()
+    expect(progress).to_have_attribute("data-step", re.compile(r"[1-9]"), timeout=600_000)
+    mean_reward = page.locator("#train-chart-main .scatterlayer .trace").first.locator(".point")
+    expect(mean_reward.first).to_be_attached()  # the reward chart draws each step
     expect(progress).to_have_attribute("data-status", "finished", timeout=600_000)
-    expect(page.locator("#train-chart-main .scatterlayer .trace .point")).not_to_have_count(first)  # step 2 drawn
+    expect(mean_reward).to_have_count(2)  # one point per step
     expect(page.locator("#train-history")).to_contain_text("grpo")
 
 
