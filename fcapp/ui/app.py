@@ -76,7 +76,7 @@ def build_app(db: str | None = None) -> gr.Blocks:
                    delete_cache=(3600, 3600)) as demo:
         with gr.Row():
             gr.Markdown("## fcapp · function calling for small language models "
-                        "([DPO on verified chains](https://arxiv.org/abs/2410.18890))")
+                        "(SFT, DPO, GRPO on verified chains, after [Manduzio et al.](https://arxiv.org/abs/2410.18890))")
             badge = gr.Markdown(busy_badge(), elem_id="busy")
         store_version, models_version = gr.State(list(store.version())), gr.State(common.model_choices())
         with gr.Tabs(elem_id="tabs") as tabs:
