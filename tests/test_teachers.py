@@ -44,17 +44,18 @@ def solve_tab_run(db: Path) -> Any:
     """The Solve tab's run handler, as the browser's click calls it (the tab has no field that
     names an environment variable)."""
     with gr.Blocks() as demo:
-        solve.build(common.Context(Store(db)))
+        with gr.Tabs() as tabs:
+            solve.build(common.Context(Store(db), tabs, gr.State(0), gr.State(0)))
     (run,) = [f.fn for f in demo.fns.values() if f.fn is not None and f.fn.__name__ == "run"]
     labels = [str(getattr(block, "label", "") or "") for block in demo.blocks.values()]
     assert not [label for label in labels if "environment" in label.lower()], labels
-    return run
+    (verdict,) = [block for block in demo.blocks.values() if getattr(block, "elem_id", None) == "solve-verdict"]
+    return lambda *args: [update[verdict] for update in run(*args, None) if verdict in update]
 
 
 def solve_with(run: Any, spec: str) -> str:
     """Solve gsm8k-0 with `spec` through the tab; the last verdict note."""
-    *_, (_, note) = run("gsm8k", "train", "gsm8k-0", "", "", spec, 2, 0.0, 1.0, 32, 0, False)
-    return note
+    return run("gsm8k", "train", "gsm8k-0", "", "", spec, 2, 0.0, 1.0, 32, 0, False)[-1]
 
 
 def test_the_solve_tab_cannot_send_a_key_to_an_unconfigured_host(keyed, scripted, tmp_path) -> None:
