@@ -18,14 +18,6 @@ from typing import Any
 GROUP_KEY = 128  # examples whose first tokens agree this far are packed together (same system prompt)
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
-
 def _first_trained(example: dict[str, Any]) -> int:
     masks = example["assistant_masks"]
     return next((i for i, m in enumerate(masks) if m), len(masks))
@@ -35,6 +27,8 @@ def pack(examples: list[dict[str, Any]], per_pack: int, seed: int = 0) -> list[d
     """Tokenized examples (input_ids, assistant_masks) as packs of up to `per_pack` examples that share a
     prefix: {"input_ids", "assistant_masks", "segments": [prefix length, length of each rest]}. Examples are
     shuffled (seeded) within their group first, so packs mix problems."""
+    from fcapp.models.kv_cache import common_prefix  # the decode loop's, one implementation
+
     groups: dict[tuple[int, ...], list[dict[str, Any]]] = {}
     for example in examples:
         groups.setdefault(tuple(example["input_ids"][:GROUP_KEY]), []).append(example)
@@ -47,7 +41,7 @@ def pack(examples: list[dict[str, Any]], per_pack: int, seed: int = 0) -> list[d
             first = chunk[0]["input_ids"]
             # each rest starts before its first trained token: the token a rest starts with is predicted from the
             # previous rest's end in the packed sequence, so it must be one that is not trained on
-            shared = max(0, min(min(_common_prefix(first, e["input_ids"]), _first_trained(e) - 1) for e in chunk))
+            shared = max(0, min(min(common_prefix(first, e["input_ids"]), _first_trained(e) - 1) for e in chunk))
             ids, masks = list(first[:shared]), [0] * shared
             segments = [shared]
             for e in chunk:
