@@ -100,3 +100,17 @@ def test_models_lists_the_tuned_models_as_json(installed: dict[str, Path]) -> No
     (run / "card.json").write_text(json.dumps({"base": "smollm2", "method": "lora", "finished": "2026-11-01"}))
     [listed] = json.loads(_run(installed, "fcapp", "models", "--json").stdout)
     assert (listed["name"], listed["path"], listed["base"]) == ("mine", str(run / "model"), "smollm2")
+
+
+def test_records_tasks_and_the_store_stand_without_the_agent_loop_or_torch() -> None:
+    """The chain records live in fcapp.records: the store, the tasks and the training sets import them
+    without pulling in the agent loop (or torch), so a script that only reads chains stays light."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, fcapp.store, fcapp.tasks, fcapp.trainsets, fcapp.records\n"
+             "from fcapp.tasks import get_task\nget_task('fol').split('train')\n"
+             "print(sorted(m for m in ('fcapp.agent', 'torch') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
