@@ -39,7 +39,8 @@ def _chain_args(parser: argparse.ArgumentParser) -> None:
 def _solve_config(args: argparse.Namespace):
     from fcapp.solve import SolveConfig
 
-    return SolveConfig(args.max_steps, args.temperature, args.top_p, args.max_new_tokens, args.seed)
+    return SolveConfig(max_steps=args.max_steps, temperature=args.temperature, top_p=args.top_p,
+                       max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
 def render_event(event: Event, out: Callable[..., None] = _print) -> None:
@@ -101,8 +102,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from fcapp.generate import GenerateConfig, generate
     from fcapp.models import get_model
 
-    config = GenerateConfig(args.task, args.teacher, args.samples, args.limit, args.split, args.temperature,
-                            args.top_p, args.max_steps, args.max_new_tokens, args.concurrency, args.seed, args.reference)
+    config = GenerateConfig(args.task, teacher=args.teacher, samples=args.samples, limit=args.limit, split=args.split,
+                            temperature=args.temperature, top_p=args.top_p, max_steps=args.max_steps,
+                            max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, seed=args.seed,
+                            reference=args.reference)
     store = _store(args)
     model = get_model(args.teacher, api_key_env=args.api_key_env)
     stop = threading.Event()
@@ -156,8 +159,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fcapp.paths import data_home
 
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    config = EvalConfig(args.task, models, args.split, args.limit, args.problems, max(args.max_steps), args.seed,
-                        args.max_new_tokens, step_limits=args.max_steps, strict=args.strict)
+    config = EvalConfig(args.task, models, split=args.split, limit=args.limit, problems_file=args.problems,
+                        max_steps=max(args.max_steps), seed=args.seed, max_new_tokens=args.max_new_tokens,
+                        step_limits=args.max_steps, strict=args.strict)
     bar = tqdm(desc=f"eval {args.task}", unit="chain", dynamic_ncols=True, disable=args.json)
 
     def progress(done: int, total: int, model: str) -> None:

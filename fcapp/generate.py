@@ -42,8 +42,8 @@ class GenerateConfig:
     demo: bool | None = None  # the worked demonstration in the prompt (None: as the teacher's card says)
 
     def solve_config(self, sample: int) -> SolveConfig:
-        return SolveConfig(self.max_steps, self.temperature, self.top_p, self.max_new_tokens, self.seed + sample,
-                           self.demo)
+        return SolveConfig(max_steps=self.max_steps, temperature=self.temperature, top_p=self.top_p,
+                           max_new_tokens=self.max_new_tokens, seed=self.seed + sample, demo=self.demo)
 
 
 @dataclass

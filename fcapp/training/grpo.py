@@ -68,8 +68,9 @@ class Rollouts:
 
     def solve_config(self, index: int) -> SolveConfig:
         seed = self.config.seed * 1_000_003 + self.calls * 10_007 + index  # every completion its own stream
-        return SolveConfig(self.config.chain_steps, self.config.temperature, self.config.top_p,
-                           self.config.max_new_tokens, seed, self.config.demo)
+        return SolveConfig(max_steps=self.config.chain_steps, temperature=self.config.temperature,
+                           top_p=self.config.top_p, max_new_tokens=self.config.max_new_tokens, seed=seed,
+                           demo=self.config.demo)
 
     def __call__(self, prompts: list[list[dict[str, Any]]], trainer: Any) -> dict[str, Any]:
         from fcapp.batching import solve_batch

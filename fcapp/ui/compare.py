@@ -112,7 +112,7 @@ def build(ctx: Context) -> None:
             except Exception as exc:  # noqa: BLE001
                 yield {answer_a: f"✗ {exc}", answer_b: f"✗ {exc}", run_btn: gr.update(interactive=True)}
                 return
-            config = SolveConfig(int(max_steps), 0.0, 1.0, int(max_new), 0)
+            config = SolveConfig(max_steps=int(max_steps), max_new_tokens=int(max_new))  # greedy
             for _ in side_by_side(task_obj, picked, models, config, views, stop):
                 yield drawn()
         finally:
@@ -159,7 +159,8 @@ def build(ctx: Context) -> None:
         if specs[0] == specs[1]:
             return {eval_note: "✗ Pick two different models to evaluate."}
         try:
-            config = EvalConfig(task, specs, split, int(n), None, int(max_steps), 0, int(max_new))
+            config = EvalConfig(task, specs, split=split, limit=int(n), max_steps=int(max_steps),
+                                max_new_tokens=int(max_new))
             job = jobs.start_evaluation(config, store, get_model, who(request))
         except (RuntimeError, ValueError) as exc:
             return {eval_note: f"✗ Not started: {exc}", **follow(jobs.latest("evaluation"))}

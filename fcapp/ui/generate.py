@@ -35,9 +35,9 @@ def build(ctx: Context) -> None:
         if not task:
             return {note: "Pick a task first."}
         try:
-            config = GenerateConfig(task, (teacher or EMBEDDED).strip(), int(samples), int(limit or 0) or None,
-                                    "train", float(temperature), 0.95, int(max_steps), int(max_new), 1, 0,
-                                    bool(reference))
+            config = GenerateConfig(task, teacher=(teacher or EMBEDDED).strip(), samples=int(samples),
+                                    limit=int(limit or 0) or None, temperature=float(temperature),
+                                    max_steps=int(max_steps), max_new_tokens=int(max_new), reference=bool(reference))
             job = jobs.start_generation(config, store, get_model, who(request))
         except (RuntimeError, ValueError, TypeError) as exc:
             return {note: f"✗ Not started: {exc}", **follow(jobs.latest("generation"))}

@@ -83,7 +83,8 @@ def build(ctx: Context) -> None:
             except Exception as exc:  # noqa: BLE001 - any load failure is shown, the app goes on
                 yield {verdict: f"✗ Cannot load model {spec!r}: {exc}", run_btn: gr.update(interactive=True)}
                 return
-            config = SolveConfig(int(max_steps), float(temperature), float(top_p), int(max_new_tokens), int(seed))
+            config = SolveConfig(max_steps=int(max_steps), temperature=float(temperature), top_p=float(top_p),
+                                 max_new_tokens=int(max_new_tokens), seed=int(seed))
             yield {verdict: f"Solving with {spec}…"}
             try:
                 for _ in stream_chain(task_obj, problem, model, config, view, stop):
