@@ -347,7 +347,8 @@ def cmd_examples(args: argparse.Namespace) -> int:
 
     sources = tuple(s.strip() for s in args.sources.split(",") if s.strip())
     tasks = [t.strip() for t in args.task.split(",") if t.strip()]
-    card = make_examples(_store(args), tasks, args.out, sources, args.max_per_problem)
+    card = make_examples(_store(args), tasks, args.out, sources, args.max_per_problem,
+                         grounded_only=not args.keep_guesses)
     _print(json.dumps(card, indent=2))
     return 0
 
@@ -465,6 +466,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sources", default="reference,teacher,human",
                    help="which correct chains: reference, teacher (verifier-accepted), human (accepted by a person)")
     p.add_argument("--max-per-problem", type=int, default=4)
+    p.add_argument("--keep-guesses", action="store_true",
+                   help="also keep teacher chains whose right answer their own last tool result does not give")
     p.add_argument("--db")
     p.set_defaults(func=cmd_examples)
 

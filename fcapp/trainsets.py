@@ -242,11 +242,13 @@ def grounded(task: str, record: dict[str, Any]) -> bool:
 
 
 def build_examples(store: Store, task: str, sources: tuple[str, ...] = SFT_SOURCES, max_per_problem: int = 4,
-                   model_ids: set[str] | None = None, grounded_only: bool = False) -> list[dict[str, Any]]:
+                   model_ids: set[str] | None = None, grounded_only: bool = True) -> list[dict[str, Any]]:
     """SFT examples: the correct chains of `task` (effective verdict), distinct completions, at most
     `max_per_problem` per problem, from the given sources (reference / teacher / human) and, when
-    given, `model_ids`; with `grounded_only`, only chains whose answer their last tool result gives
-    (see `grounded`). Held-out problems are left out."""
+    given, `model_ids`. With `grounded_only` (the default) a teacher chain counts only when its answer is
+    what its last tool result gives (see `grounded`): imitating right guesses teaches a small model to
+    ignore its tools (measured on `fol`: README, Training). A person's accept and reference chains count
+    as they are. Held-out problems are left out."""
     unknown = set(sources) - set(SFT_SOURCES)
     if unknown:
         raise ValueError(f"unknown SFT source(s) {', '.join(sorted(unknown))}; choose from {', '.join(SFT_SOURCES)}")
@@ -257,7 +259,7 @@ def build_examples(store: Store, task: str, sources: tuple[str, ...] = SFT_SOURC
             if not chain["effective_verdict"] or chain_source(chain) not in sources:
                 continue
             record = chain["effective_record"]
-            if grounded_only and not grounded(task, record):
+            if grounded_only and chain_source(chain) == "teacher" and not grounded(task, record):
                 continue
             completion = _completion(record)
             fingerprint = _fingerprint(record["prompt"] + completion)
@@ -364,15 +366,16 @@ def make_pairs(store: Store, task: str, out: str | Path, policy: PairPolicy | No
 
 
 def make_examples(store: Store, tasks: list[str], out: str | Path, sources: tuple[str, ...] = SFT_SOURCES,
-                  max_per_problem: int = 4) -> dict[str, Any]:
+                  max_per_problem: int = 4, grounded_only: bool = True) -> dict[str, Any]:
     """Build and export the SFT examples of `tasks` (several tasks make one mixed set); returns the card's
     facts. Refuses to write an empty set."""
-    rows = [row for task in tasks for row in build_examples(store, task, sources, max_per_problem)]
+    rows = [row for task in tasks
+            for row in build_examples(store, task, sources, max_per_problem, grounded_only=grounded_only)]
     if not rows:
         raise TrainingDataError(f"no correct chains of training problems for {', '.join(tasks)} from "
                                 f"{', '.join(sources)}: generate chains (`--reference` adds the reference chains)")
     by_source = {s: sum(r["source"] == s for r in rows) for s in sources}
     card = {"tasks": tasks, "examples": len(rows), "by_source": by_source, "max_per_problem": max_per_problem,
-            "per_task": [_card_facts(store, t) for t in tasks]}
+            "grounded_only": grounded_only, "per_task": [_card_facts(store, t) for t in tasks]}
     paths = export_rows(rows, out, "sft", card)
     return card | {"files": [str(p) for p in paths]}

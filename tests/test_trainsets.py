@@ -257,3 +257,24 @@ def test_a_right_answer_its_own_calls_contradict_is_not_grounded():
     check["result"] = {"True": "False", "False": "Unknown", "Unknown": "True"}[check["result"]]  # the call disagreed
     assert not grounded("fol", lucky)
     assert grounded("gsm8k", correct_chain("gsm8k", "gsm8k-1").to_dict())
+
+
+def test_sft_examples_leave_out_a_teachers_right_guess_unless_asked(tmp_path):
+    """A teacher chain whose right answer its own `check` contradicts is a guess (1 in 3 on FOL): SFT on such
+    chains taught the model to ignore its tools (README, Training). By default only grounded teacher chains
+    are examples; reference chains always are."""
+    from fcapp.tasks import get_task
+    from fcapp.trainsets import build_examples
+
+    problem = get_task("fol").split("train")[0]
+    store = Store(tmp_path / "sft.db")
+    store.add_chain(correct_chain("fol", problem.id), True, role="reference")
+    lucky = correct_chain("fol", problem.id)
+    lucky.reference, lucky.model_id, lucky.seed = False, "teacher", 1
+    lucky.steps[0].result = {"True": "False", "False": "Unknown", "Unknown": "True"}[lucky.steps[0].result]
+    store.add_chain(lucky, True)  # the call said otherwise, the answer is right anyway
+
+    kept = build_examples(store, "fol")
+    assert [r["source"] for r in kept] == ["reference"]
+    assert kept[0]["completion"][1]["content"] == problem.answer  # its tool gave the answer it ends on
+    assert sorted(r["source"] for r in build_examples(store, "fol", grounded_only=False)) == ["reference", "teacher"]
