@@ -246,9 +246,9 @@ def build_examples(store: Store, task: str, sources: tuple[str, ...] = SFT_SOURC
     """SFT examples: the correct chains of `task` (effective verdict), distinct completions, at most
     `max_per_problem` per problem, from the given sources (reference / teacher / human) and, when
     given, `model_ids`. With `grounded_only` (the default) a teacher chain counts only when its answer is
-    what its last tool result gives (see `grounded`): imitating right guesses teaches a small model to
-    ignore its tools (measured on `fol`: README, Training). A person's accept and reference chains count
-    as they are. Held-out problems are left out."""
+    what its last tool result gives (see `grounded`): a right guess that its own calls contradict is no
+    chain to imitate. A person's accept and reference chains count as they are. Held-out problems are
+    left out."""
     unknown = set(sources) - set(SFT_SOURCES)
     if unknown:
         raise ValueError(f"unknown SFT source(s) {', '.join(sorted(unknown))}; choose from {', '.join(SFT_SOURCES)}")

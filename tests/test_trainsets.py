@@ -260,9 +260,8 @@ def test_a_right_answer_its_own_calls_contradict_is_not_grounded():
 
 
 def test_sft_examples_leave_out_a_teachers_right_guess_unless_asked(tmp_path):
-    """A teacher chain whose right answer its own `check` contradicts is a guess (1 in 3 on FOL): SFT on such
-    chains taught the model to ignore its tools (README, Training). By default only grounded teacher chains
-    are examples; reference chains always are."""
+    """A teacher chain whose right answer its own `check` contradicts is a guess (1 in 3 on FOL), no chain to
+    imitate. By default only grounded teacher chains are examples; reference chains always are."""
     from fcapp.tasks import get_task
     from fcapp.trainsets import build_examples
 
