@@ -215,15 +215,18 @@ def render(info: dict[str, str], runs: list[Variant]) -> str:
         lines.append(f"| {v.method} | {v.name} | {r['per_row']:.2f} s / {UNIT[v.method]} | {speedup} | "
                      f"{r['rows']} | {r['loop_s']:.1f} | {' '.join(f'{s:.1f}' for s in r['steps'])} | "
                      f"{r['peak'] / GB:.2f} GB | {' '.join(f'{x:.3f}' for x in r['losses'])} |")
-    dpo_now = next(v.result for v in runs if v.method == "dpo" and "defaults now" in v.name)
-    dpo_before = next(v.result for v in runs if v.method == "dpo")
-    lines += ["", f"DPO now: {dpo_now['per_row']:.2f} s per pair, {dpo_before['per_row'] / dpo_now['per_row']:.1f}x "
-              f"faster than the old settings in this run ({dpo_before['per_row']:.2f} s; target: at least 3x). The "
-              f"earlier benchmark recorded {BEFORE_S_PER_PAIR} s per pair for the old settings, timing only the steps "
-              "after the first (this one times the whole training loop)."]
-    fixed, chosen = (v.result["per_row"] for v in runs if v.busy_core)
-    lines.append(f"With another job on one core, the thread chooser trains {fixed / chosen:.2f}x as fast as two fixed "
-                 f"threads ({chosen:.2f} vs {fixed:.2f} s per pair).")
+    dpo_now = next((v.result for v in runs if v.method == "dpo" and "defaults now" in v.name), None)
+    if dpo_now:  # absent when --only ran another method
+        dpo_before = next(v.result for v in runs if v.method == "dpo")
+        lines += ["", f"DPO now: {dpo_now['per_row']:.2f} s per pair, {dpo_before['per_row'] / dpo_now['per_row']:.1f}x "
+                  f"faster than the old settings in this run ({dpo_before['per_row']:.2f} s; target: at least 3x). The "
+                  f"earlier benchmark recorded {BEFORE_S_PER_PAIR} s per pair for the old settings, timing only the "
+                  "steps after the first (this one times the whole training loop)."]
+    busy = [v.result["per_row"] for v in runs if v.busy_core]
+    if len(busy) == 2:
+        fixed, chosen = busy
+        lines.append(f"With another job on one core, the thread chooser trains {fixed / chosen:.2f}x as fast as two "
+                     f"fixed threads ({chosen:.2f} vs {fixed:.2f} s per pair).")
     grpo = next((v for v in runs if v.method == "grpo"), None)
     if grpo:
         lines.append(f"GRPO: {statistics.mean(grpo.result['steps']):.1f} s per step with a group of "
