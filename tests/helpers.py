@@ -41,6 +41,18 @@ def wrong_chain(task_name: str, problem_id: str, answer: str = "-1", model_id: s
     return chain
 
 
+def gsm8k_store(path, problems: list[str], wrong_answers: tuple[str, ...] = ("-1",)) -> Store:
+    """A store holding, for each GSM8K problem, its reference chain and one wrong chain per answer in
+    `wrong_answers` (seeded 0, 1, ...): every problem gives preference pairs."""
+    store = Store(path)
+    for pid in problems:
+        store.add_chain(correct_chain("gsm8k", pid), True, role="reference")
+        for seed, answer in enumerate(wrong_answers):
+            chain = wrong_chain("gsm8k", pid, answer, seed=seed)
+            store.add_chain(chain, chain.verdict)
+    return store
+
+
 # ---- what the store holds, read with plain SQL (the app itself never needs these queries) ----------
 def _rows(store: Store, sql: str, *params: Any) -> list[sqlite3.Row]:
     with contextlib.closing(sqlite3.connect(store.path)) as conn:

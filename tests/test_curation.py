@@ -10,19 +10,14 @@ from fcapp import curation
 from fcapp.curation import ChainFilter
 from fcapp.store import Store
 from fcapp.tasks import get_task
-from helpers import correct_chain, label_history, wrong_chain
+from helpers import gsm8k_store, label_history
 
 PROBLEMS = ["gsm8k-1", "gsm8k-2", "gsm8k-4"]  # training problems
 
 
 @pytest.fixture
 def store(tmp_path) -> Store:
-    store = Store(tmp_path / "curate.db")
-    for pid in PROBLEMS:
-        store.add_chain(correct_chain("gsm8k", pid), True, role="reference")
-        chain = wrong_chain("gsm8k", pid, "-1")
-        store.add_chain(chain, chain.verdict)
-    return store
+    return gsm8k_store(tmp_path / "curate.db", PROBLEMS)
 
 
 def ids(store: Store, verdict: bool) -> list[int]:

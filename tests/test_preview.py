@@ -12,7 +12,7 @@ from fcapp.store import Store
 from fcapp.training import TrainConfig
 from fcapp.training.job import SECONDS_PER_ROW, preview, render_preview
 from fcapp.trainsets import TrainingDataError, export_pairs, import_pairs, make_pairs
-from helpers import correct_chain, wrong_chain
+from helpers import gsm8k_store
 
 PROBLEMS = ["gsm8k-1", "gsm8k-2", "gsm8k-4"]  # training problems
 
@@ -20,12 +20,7 @@ PROBLEMS = ["gsm8k-1", "gsm8k-2", "gsm8k-4"]  # training problems
 @pytest.fixture
 def store(tmp_path, monkeypatch) -> Store:
     monkeypatch.setenv("FCAPP_HOME", str(tmp_path / "home"))
-    store = Store(tmp_path / "preview.db")
-    for pid in PROBLEMS:
-        store.add_chain(correct_chain("gsm8k", pid), True, role="reference")
-        chain = wrong_chain("gsm8k", pid, "-1")
-        store.add_chain(chain, chain.verdict)
-    return store
+    return gsm8k_store(tmp_path / "preview.db", PROBLEMS)
 
 
 def test_a_dpo_preview_counts_the_pairs_measures_them_and_estimates_the_time(store):

@@ -13,20 +13,14 @@ from fcapp.store import Store
 from fcapp.files import DataFileError
 from fcapp.tasks.base import split_of
 from fcapp.trainsets import PairPolicy, build_pairs, export_pairs, import_pairs, load_pair_file, make_pairs
-from helpers import correct_chain, wrong_chain
+from helpers import correct_chain, gsm8k_store, wrong_chain
 
 PROBLEMS = ["gsm8k-1", "gsm8k-2", "gsm8k-4"]  # training problems (gsm8k-3 is held out)
 
 
 @pytest.fixture
 def store(tmp_path):
-    store = Store(tmp_path / "pairs.db")
-    for pid in PROBLEMS:
-        store.add_chain(correct_chain("gsm8k", pid), True, role="reference")
-        for seed, answer in enumerate(["-1", "12345"]):
-            chain = wrong_chain("gsm8k", pid, answer, seed=seed)
-            store.add_chain(chain, chain.verdict)
-    return store
+    return gsm8k_store(tmp_path / "pairs.db", PROBLEMS, ("-1", "12345"))
 
 
 def test_each_problem_pairs_a_correct_with_an_incorrect_chain(store):
