@@ -1,16 +1,21 @@
-"""`python -m benchmarks.decode`: measure the local backend and the agent loop, print a table of
-ratios and write it to benchmarks/results.md.
+"""`python -m benchmarks.decode [--llama-bench PATH]`: measure the local backend and the agent loop,
+print a table of ratios and write it to benchmarks/results.md.
 
 Each ratio compares two things measured in this run on this machine. A shared CPU is noisy, so every
-timing is the best of two tries, taken in turns with what it is compared to. 5-8 minutes on the
-2-core box, depending on what else runs on it.
+timing is the best of two tries, taken in turns with what it is compared to. Each decode precision
+(fp32, int8, int4) gets its rows, and with `--llama-bench` (a llama.cpp `llama-bench` binary, built
+apart from the project) llama.cpp's decode and prefill on the same GGUF are measured in turns with
+fcapp's. 6-10 minutes on the 2-core box, depending on what else runs on it.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
+import json
 import os
+import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -19,13 +24,13 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import transformers
 
-from benchmarks.report import Row, command, log, table
+from benchmarks.report import Row, log, publish, table
 from benchmarks.report import machine as machine_basics
 from fcapp.batching import solve_batch
 from fcapp.models.base import Message
-from fcapp.models.cpu import lay_out_for_decode
+from fcapp.models.cpu import decode_bytes, lay_out_for_decode
 from fcapp.models.local import LocalModel
-from fcapp.models.registry import embedded_gguf, embedded_model_dir, gguf_to_folder
+from fcapp.models.registry import PRECISIONS, embedded_gguf, embedded_model_dir, gguf_to_folder
 from fcapp.records import Chain
 from fcapp.solve import SolveConfig, solve, start_chain
 from fcapp.tasks import get_task
@@ -207,7 +212,7 @@ def seconds_of(result: tuple) -> float:
 
 
 # ---- the run -----------------------------------------------------------------------------------------
-def run() -> tuple[dict[str, str], list[Row]]:
+def run(llama: Path | None = None) -> tuple[dict[str, str], list[Row]]:
     info = machine()
     rows: list[Row] = []
     task = get_task("gsm8k")
@@ -291,6 +296,9 @@ def run() -> tuple[dict[str, str], list[Row]]:
         log("bf16")
         rows += bf16_rows(model, ids, chain, bandwidth, task, problem)
 
+        log("precisions" + (" and llama.cpp" if llama else ""))
+        rows += precision_rows(ids, bandwidth, threads, llama, task, problem, chain)
+
         log("8 samples: batched vs one after another")
         def sequential() -> float:
             model.clear_cache()
@@ -330,11 +338,88 @@ def bf16_rows(model: LocalModel, ids: list[int], chain: Chain, bandwidth: float,
     ]
 
 
+# ---- precisions and llama.cpp ---------------------------------------------------------------------------
+def llama_bench(binary: Path, threads: list[int], prompt: int) -> dict[str, tuple[float, int]]:
+    """llama.cpp's own figures on the shipped GGUF, one `llama-bench` run (each test twice, its mean):
+    {'tg': (decode tok/s, threads), 'pp': (prefill tok/s, threads)}, the best thread count of each."""
+    out = subprocess.run([str(binary), "-m", str(embedded_gguf()), "-t", ",".join(map(str, threads)),
+                          "-p", str(prompt), "-n", str(DECODE), "-r", "2", "-o", "json"],
+                         capture_output=True, text=True, timeout=900, check=True)
+    best: dict[str, tuple[float, int]] = {}
+    for test in json.loads(out.stdout):
+        kind = "pp" if test["n_prompt"] else "tg"
+        rate = (float(test["avg_ts"]), int(test["n_threads"]))
+        best[kind] = max(best.get(kind, rate), rate)
+    return best
+
+
+def precision_rows(ids: list[int], bandwidth: float, threads: int, llama: Path | None,
+                   task: Task, problem: Problem, chain: Chain) -> list[Row]:
+    """Per decode precision: one sequence's decode rate against the bandwidth bound of the bytes that
+    precision reads per token, an 8-sequence decode step, prefill (fp32 weights whatever the
+    precision) and whether the greedy chain is fp32's; llama.cpp's decode and prefill on the shipped
+    GGUF beside them when `llama` is given. Each round measures everything once, in turns; the best
+    of two rounds counts."""
+    models = {name: LocalModel(None if name == "fp32" else f"smollm2@{name}", threads=threads) for name in PRECISIONS}
+    best: dict[tuple[str, str], float] = {}
+    theirs: dict[str, tuple[float, int]] = {}
+
+    def keep(key: tuple[str, str], seconds: float) -> None:
+        best[key] = min(best.get(key, seconds), seconds)
+    for _ in range(2):
+        for name, model in models.items():
+            keep((name, "decode"), decode_seconds(model, ids) / DECODE)
+            keep((name, "step"), batch_step(model, ids))
+            keep((name, "prefill"), prefill_seconds(model, ids))
+        if llama:
+            for kind, rate in llama_bench(llama, sorted({1, torch.get_num_threads()}), len(ids)).items():
+                theirs[kind] = max(theirs.get(kind, rate), rate)
+    rows = []
+    for name, model in models.items():
+        read = decode_bytes(model.model)
+        rate, bound = 1 / best[name, "decode"], bandwidth / read
+        same = "yes" if record(solve(task, problem, model, CHAIN)) == record(chain) else "no"
+        rows += [
+            Row(f"{name}: decode 1 sequence vs the bandwidth bound of the bytes it reads",
+                f"{rate:.1f} vs {bound:.1f} tok/s ({read / 1e6:.0f} MB a token); {best['fp32', 'decode'] / best[name, 'decode']:.2f}x "
+                f"fp32's rate; same greedy chain as fp32: {same}", f"{rate / bound * 100:.1f}%"),
+            Row(f"{name}: decode 8 sequences in one step vs 1", f"{8 / best[name, 'step']:.0f} vs {rate:.1f} tok/s "
+                f"({best[name, 'step'] * 1e3:.0f} ms a step)", f"{8 * best[name, 'decode'] / best[name, 'step']:.2f}x"),
+            Row(f"{name}: prefill of {len(ids)} tokens", f"{len(ids) / best[name, 'prefill']:.0f} tok/s",
+                f"{best['fp32', 'prefill'] / best[name, 'prefill']:.2f}x fp32"),
+        ]
+    fastest = min(PRECISIONS, key=lambda name: best[name, "decode"])
+    ours_tg, ours_pp = 1 / best[fastest, "decode"], len(ids) / best["fp32", "prefill"]
+    if not theirs:
+        return rows + [Row("llama.cpp decode and prefill on the same GGUF", "skipped: no --llama-bench PATH given", "")]
+    (tg, tg_threads), (pp, pp_threads) = theirs["tg"], theirs["pp"]
+    return rows + [
+        Row(f"fcapp's fastest decode ({fastest}, {threads} thread(s)) vs llama.cpp tg{DECODE} "
+            f"({tg_threads} thread(s), the shipped Q4_1 GGUF)", f"{ours_tg:.1f} vs {tg:.1f} tok/s",
+            f"{ours_tg / tg:.2f}x", ">= 0.90x", ours_tg / tg >= 0.9),
+        Row(f"fcapp prefill vs llama.cpp pp{len(ids)} ({pp_threads} thread(s))", f"{ours_pp:.0f} vs {pp:.0f} tok/s",
+            f"{ours_pp / pp:.2f}x"),
+    ]
+
+
 def render(info: dict[str, str], rows: list[Row]) -> str:
     return table("Benchmark results", "Produced by `python -m benchmarks.decode`; benchmarks/README.md says what each row "
                  "measures and what was adopted. On a shared machine the absolute numbers move with its load "
                  "(below); each ratio compares two measurements taken in turns.", info, rows)
 
 
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
+    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS.name} as it is")
+    parser.add_argument("--llama-bench", type=Path, metavar="PATH",
+                        help="a llama.cpp llama-bench binary: measure llama.cpp on the same GGUF, in turns with fcapp")
+    args = parser.parse_args()
+    if args.llama_bench and not os.access(args.llama_bench, os.X_OK):
+        parser.error(f"--llama-bench {args.llama_bench}: not an executable file")
+    began = time.time()
+    info, rows = run(args.llama_bench)
+    publish(began, info, lambda info: render(info, rows), RESULTS, not args.no_write)
+
+
 if __name__ == "__main__":
-    command("python -m benchmarks.decode", __doc__.splitlines()[0], RESULTS, run, render)
+    main()

@@ -52,3 +52,41 @@ def test_the_embedded_model_decodes_quantised_and_still_calls_the_solver(precisi
     task = get_task("fol")
     chain = solve(task, task.split("heldout")[0], model, SolveConfig(max_steps=3, max_new_tokens=64))
     assert chain.steps and chain.steps[0].call is not None and chain.steps[0].call.name == "check"
+
+
+AGREEMENT = 0.85  # measured 0.91 (int8) and 0.94 (int4) on a GSM8K continuation, 1.00 on a FOL one
+
+
+def greedy_continuation(model, prompt: list[int], n: int) -> list[int]:
+    """n greedy tokens after `prompt`, one decode pass each."""
+    model.clear_cache()
+    logits, tokens = model._prefill([prompt]), []
+    for _ in range(n):
+        tokens.append(int(logits[0].argmax()))
+        logits = model._state.feed(model.model, [tokens[-1:]], model.pad_id)
+    return tokens
+
+
+@pytest.mark.parametrize("precision", ["int8", "int4"])
+def test_quantised_decoding_mostly_picks_the_fp32_next_token(small_model, precision: str) -> None:
+    """Teacher-forced along fp32's own greedy continuation of a real FOL and a real GSM8K prompt, one
+    token per decode pass (the quantised path), the quantised model's next token is fp32's at least
+    AGREEMENT of the time."""
+    from fcapp.models.local import LocalModel
+    from fcapp.solve import SolveConfig, start_chain
+    from fcapp.tasks import get_task
+
+    quantised = LocalModel(f"smollm2@{precision}")
+    agreed = total = 0
+    with torch.inference_mode():
+        for name in ("fol", "gsm8k"):
+            task = get_task(name)
+            prompt = small_model.encode(start_chain(task, task.split("heldout")[0], "test", SolveConfig())[1].messages())
+            reference = greedy_continuation(small_model, prompt, 48)
+            quantised.clear_cache()
+            logits = quantised._prefill([prompt])
+            for token in reference:
+                agreed += int(logits[0].argmax()) == token
+                total += 1
+                logits = quantised._state.feed(quantised.model, [[token]], quantised.pad_id)
+    assert agreed / total >= AGREEMENT, f"{precision}: {agreed}/{total} next tokens agree with fp32"

@@ -172,6 +172,8 @@ def test_bad_options_are_refused_before_a_worker_starts(home: Path, pairs_file: 
             config(pairs_file, "bad", **bad)
     with pytest.raises(ValueError, match="base model '/nonexistent'"):
         start_training(config(pairs_file, "bad", base="/nonexistent"))
+    with pytest.raises(ValueError, match="training takes the fp32 weights; int8 is a decoding precision"):
+        start_training(config(pairs_file, "bad", base="smollm2@int8"))
     assert not (home / "home" / "models" / "bad").exists()
 
 

@@ -205,8 +205,12 @@ def build_data(config: TrainConfig, store: Any, target: Path) -> dict[str, Any]:
 def _settle_base(config: TrainConfig) -> None:
     """Check the base model exists, and settle whether the training prompt holds the demonstration."""
     from fcapp.models.base import ModelError
-    from fcapp.models.registry import resolve_model_path
+    from fcapp.models.registry import resolve_model_path, split_precision
 
+    model, precision = split_precision(config.base)
+    if precision != "fp32":
+        raise ValueError(f"base model {config.base!r}: training takes the fp32 weights; {precision} is a decoding "
+                         f"precision: train {model!r} and decode it with '@{precision}'")
     try:
         base = resolve_model_path(config.base)
     except ModelError as exc:

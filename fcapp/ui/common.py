@@ -17,7 +17,7 @@ import gradio as gr
 
 from fcapp.jobs import SLOT
 from fcapp.models import teachers
-from fcapp.models.registry import EMBEDDED, list_models, model_id, tuned_model_dir
+from fcapp.models.registry import EMBEDDED, PRECISIONS, list_models, model_id, tuned_model_dir
 from fcapp.paths import data_dir
 from fcapp.records import FINAL_ANSWER, Chain, Event, Step, fmt_seconds, stop_words  # noqa: F401 - shared by tabs
 from fcapp.store import Store
@@ -90,13 +90,16 @@ def get_model(spec: str | None) -> Any:
         return _models[key]
 
 
-def model_choices() -> list[str]:
-    """The embedded model, every registered tuned model (newest first), then the configured teachers."""
+def model_choices(quantised: bool = True) -> list[str]:
+    """The embedded model, every registered tuned model (newest first), the embedded model decoding with
+    int8 and int4 weights (unless not `quantised`: training takes fp32 weights), then the configured
+    teachers."""
     names = [EMBEDDED]
     try:
         names += [m["name"] for m in list_models()]
     except OSError:  # an unreadable models folder leaves the embedded model to choose
         pass
+    names += [f"{EMBEDDED}@{precision}" for precision in PRECISIONS if quantised and precision != "fp32"]
     return list(dict.fromkeys(names + [t.spec for t in teachers.configured()]))
 
 

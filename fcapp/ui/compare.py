@@ -23,7 +23,7 @@ SUMMARY_HEADERS = ["model", "accuracy", "95% CI", "valid-call rate", "mean steps
 
 def tuned_default() -> str:
     """The newest tuned model, else the embedded one (base vs base)."""
-    return next((c for c in model_choices()[1:] if not c.startswith(teachers.PREFIX)), EMBEDDED)
+    return next((c for c in model_choices(quantised=False)[1:] if not c.startswith(teachers.PREFIX)), EMBEDDED)
 
 
 def side_by_side(task_obj, problem, models: dict[str, object], config: SolveConfig, views: dict[str, ChainView],

@@ -373,7 +373,7 @@ def build(ctx: Context) -> None:
         with gr.Row():
             method = gr.Radio(list(METHODS), value="dpo", label="Method", elem_id="train-method-choice")
             task = gr.Dropdown(list(task_choices()), value=default_task(), label="Task", elem_id="train-task")
-            base_model = gr.Dropdown(model_choices(), value=EMBEDDED, allow_custom_value=True, label="Base model",
+            base_model = gr.Dropdown(model_choices(quantised=False), value=EMBEDDED, allow_custom_value=True, label="Base model",
                                      elem_id="train-base")
             name = gr.Textbox(label="Name of the tuned model (empty: automatic)", elem_id="train-name")
         method_note = gr.Markdown(METHOD_NOTES["dpo"], elem_id="train-method-note")
