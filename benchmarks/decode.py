@@ -299,19 +299,6 @@ def run(llama: Path | None = None) -> tuple[dict[str, str], list[Row]]:
         log("precisions" + (" and llama.cpp" if llama else ""))
         rows += precision_rows(ids, bandwidth, threads, llama, task, problem, chain)
 
-        log("8 samples: batched vs one after another")
-        def sequential() -> float:
-            model.clear_cache()
-            return timed(lambda: [solve(task, problem, model, c) for c in SAMPLES])
-
-        def batched() -> float:
-            model.clear_cache()
-            return timed(lambda: solve_batch(task, [(problem, c) for c in SAMPLES], model, 8))
-        one_by_one, together = paired(sequential, batched)
-        rows.append(Row("8 samples batched vs one after another",
-                        f"{60 * 8 / together:.1f} vs {60 * 8 / one_by_one:.1f} chains/min",
-                        f"{one_by_one / together:.2f}x", ">= 3x", one_by_one / together >= 3))
-
     info["threads used"] = str(threads)
     info["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return info, rows
@@ -353,13 +340,28 @@ def llama_bench(binary: Path, threads: list[int], prompt: int) -> dict[str, tupl
     return best
 
 
+def samples_row(name: str, model: LocalModel, task: Task, problem: Problem) -> Row:
+    """8 sampled chains of one problem decoded together (continuous batching) vs one after another."""
+    def sequential() -> float:
+        model.clear_cache()
+        return timed(lambda: [solve(task, problem, model, c) for c in SAMPLES])
+
+    def batched() -> float:
+        model.clear_cache()
+        return timed(lambda: solve_batch(task, [(problem, c) for c in SAMPLES], model, 8))
+    one_by_one, together = paired(sequential, batched)
+    return Row(f"{name}: 8 samples batched vs one after another",
+               f"{60 * 8 / together:.1f} vs {60 * 8 / one_by_one:.1f} chains/min",
+               f"{one_by_one / together:.2f}x", ">= 3x", one_by_one / together >= 3)
+
+
 def precision_rows(ids: list[int], bandwidth: float, threads: int, llama: Path | None,
                    task: Task, problem: Problem, chain: Chain) -> list[Row]:
     """Per decode precision: one sequence's decode rate against the bandwidth bound of the bytes that
     precision reads per token, an 8-sequence decode step, prefill (fp32 weights whatever the
-    precision) and whether the greedy chain is fp32's; llama.cpp's decode and prefill on the shipped
-    GGUF beside them when `llama` is given. Each round measures everything once, in turns; the best
-    of two rounds counts."""
+    precision), whether the greedy chain is fp32's and 8 samples batched; llama.cpp's decode and
+    prefill on the shipped GGUF beside them when `llama` is given. Each round measures everything
+    once, in turns; the best of two rounds counts."""
     models = {name: LocalModel(None if name == "fp32" else f"smollm2@{name}", threads=threads) for name in PRECISIONS}
     best: dict[tuple[str, str], float] = {}
     theirs: dict[str, tuple[float, int]] = {}
@@ -387,6 +389,7 @@ def precision_rows(ids: list[int], bandwidth: float, threads: int, llama: Path |
                 f"({best[name, 'step'] * 1e3:.0f} ms a step)", f"{8 * best[name, 'decode'] / best[name, 'step']:.2f}x"),
             Row(f"{name}: prefill of {len(ids)} tokens", f"{len(ids) / best[name, 'prefill']:.0f} tok/s",
                 f"{best['fp32', 'prefill'] / best[name, 'prefill']:.2f}x fp32"),
+            samples_row(name, model, task, problem),
         ]
     fastest = min(PRECISIONS, key=lambda name: best[name, "decode"])
     ours_tg, ours_pp = 1 / best[fastest, "decode"], len(ids) / best["fp32", "prefill"]

@@ -11,8 +11,10 @@ import sys
 from typing import Callable
 
 from fcapp.export import GGUF_TYPES
-from fcapp.models.registry import EMBEDDED
+from fcapp.models.registry import EMBEDDED, PRECISIONS
 from fcapp.records import Event, stop_words
+
+QUANTISED = " or ".join(f"'@{precision}'" for precision in PRECISIONS if precision != "fp32")
 
 
 def _print(text: str = "", end: str = "\n") -> None:
@@ -23,7 +25,8 @@ def _print(text: str = "", end: str = "\n") -> None:
 def _model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
     parser.add_argument(flag, default=EMBEDDED,
                         help="'smollm2' (embedded), a tuned model name, a local folder, http://HOST:PORT/v1#MODEL, "
-                             "or teacher:NAME (configured in teachers.json in the data folder)")
+                             "or teacher:NAME (configured in teachers.json in the data folder); a local model "
+                             f"followed by {QUANTISED} decodes with quantised weights")
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key of an http:// model")
 
@@ -434,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="base vs tuned on the same held-out problems")
     p.add_argument("--task", required=True)
-    p.add_argument("--models", default="base", help="comma-separated: base (embedded), tuned names, folders, URLs")
+    p.add_argument("--models", default="base", help="comma-separated: base (embedded), tuned names, folders, URLs; "
+                                                     f"{QUANTISED} after a local one decodes it with quantised weights")
     p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--problems", help="your own problems: a JSONL file in the task's format")
@@ -451,7 +455,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("serve", help="OpenAI-compatible endpoint for a local model")
-    p.add_argument("--model", default=EMBEDDED)
+    p.add_argument("--model", default=EMBEDDED, help=f"a local model; followed by {QUANTISED}, decoded with "
+                                                     "quantised weights (faster; fp32, the default, is the reference)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=8,
