@@ -216,7 +216,6 @@ class FolioFormulaTask(_FolTask):
     description = "FOLIO stories with the conclusion given as a formula: is it True, False or Unknown?"
     require_conclusion_fol = True
     CANDIDATES = 24  # conclusions tried per story
-    PER_LABEL = 1  # problems kept per story and label
 
     def __init__(self, path: str | Path | None = None) -> None:
         """`path`: the FOLIO-format file whose stories the problems come from (default: the shipped one)."""
@@ -236,7 +235,7 @@ class FolioFormulaTask(_FolTask):
         return [p for story_id, record in stories.items() for p in self._story(story_id, record)]
 
     def _story(self, story_id: str, record: dict[str, Any]) -> list[Problem]:
-        """Up to PER_LABEL problems per label for one story (none when its premises do not parse or contradict)."""
+        """Up to one problem per label for one story (none when its premises do not parse or contradict)."""
         words = [w.strip() for w in _text_list(record, "premises", required=False)]
         formulas = [f.strip() for f in _text_list(record, "premises-FOL", required=False)]
         try:
@@ -252,17 +251,16 @@ class FolioFormulaTask(_FolTask):
                 label = decide_parsed([parse(f) for f in shown[1]], parse(conclusion))
             except ToolError:
                 continue
-            if len(found.setdefault(label, [])) == self.PER_LABEL:
+            if label in found:
                 continue
-            index = sum(len(kept) for kept in found.values())
-            found[label].append(Problem(
-                id=f"{self.name}-{story_id}-{index}", task=self.name,
+            found[label] = Problem(
+                id=f"{self.name}-{story_id}-{len(found)}", task=self.name,
                 question=render_question(shown[0], shown[1], words_of, self.shown_formula(conclusion)), answer=label,
                 meta={"premises": shown[0], "premises_fol": shown[1], "conclusion": words_of,
-                      "conclusion_fol": conclusion, "group": story_group(story_id), "kind": kind}))
-            if sum(len(kept) for kept in found.values()) == 3 * self.PER_LABEL:
+                      "conclusion_fol": conclusion, "group": story_group(story_id), "kind": kind})
+            if len(found) == 3:
                 break
-        return sorted((p for kept in found.values() for p in kept), key=lambda p: p.id)
+        return sorted(found.values(), key=lambda p: p.id)
 
     def shown_formula(self, conclusion: str) -> str | None:
         """The conclusion's formula as the question shows it."""
@@ -294,48 +292,6 @@ _FUNCTION_WORDS = {"a", "an", "the", "all", "some", "no", "none", "if", "every",
                    "everyone", "everything", "nobody", "nothing", "someone", "something", "either", "neither", "both"}
 
 
-def name_words(name: str) -> str:
-    """A predicate's or constant's name as words: "KnicksPlayer" -> "knicks player", "tiffanyTAlston" ->
-    "tiffany t alston", "LaLiga2021" -> "la liga 2021"."""
-    return " ".join(re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", name)).lower() or name.lower()
-
-
-def entity_words(constant: str, sentences: list[str]) -> str:
-    """How the story writes an individual: the premises' own spelling when one of their words is the
-    constant ("Jim" for jim, "LaLiga" for laLiga), else its name's words capitalised ("Tiffany T Alston")."""
-    for word in re.findall(r"[\w'-]+", " ".join(sentences)):
-        if word.lower() == constant.lower():
-            return word
-    return " ".join(part.capitalize() for part in name_words(constant).split())
-
-
-def _statements_about_individuals(rng: random.Random, words: list[str], formulas: list[str], parsed: list[Any]):
-    """Candidate conclusions about the story's individuals with its own predicates, in words and as a formula:
-    a fact, a negated fact, two facts joined by and / or / neither-nor / if-then, and facts of two-place
-    predicates, shuffled."""
-    entities = sorted(set().union(*(constants(f) for f in parsed)))
-    signatures = set().union(*(predicates(f) for f in parsed))
-    unary = sorted(name for name, arity in signatures if arity == 1)
-    binary = sorted(name for name, arity in signatures if arity == 2)
-    people = {e: entity_words(e, words) for e in entities}
-    out = []
-    for e in entities:
-        for p in unary:
-            out.append(("fact", f"{p}({e})", f"{people[e]} is {name_words(p)}."))
-            out.append(("negated-fact", f"¬{p}({e})", f"{people[e]} is not {name_words(p)}."))
-        for p, q in itertools.permutations(unary, 2):
-            a, b, who = name_words(p), name_words(q), people[e]
-            out += [("and", f"{p}({e}) ∧ {q}({e})", f"{who} is {a} and {b}."),
-                    ("or", f"{p}({e}) ∨ {q}({e})", f"{who} is {a} or {b}."),
-                    ("neither", f"¬{p}({e}) ∧ ¬{q}({e})", f"{who} is neither {a} nor {b}."),
-                    ("if", f"{p}({e}) → {q}({e})", f"If {who} is {a}, then {who} is {b}.")]
-    for r in binary:
-        for a, b in itertools.permutations(entities, 2):
-            out.append(("relation", f"{r}({a}, {b})", f"{people[a]} {name_words(r)} {people[b]}."))
-    rng.shuffle(out)
-    return [(kind, (words, formulas), formula, sentence) for kind, formula, sentence in out]
-
-
 def _lower_first_word(sentence: str) -> str:
     """"The cat ..." -> "the cat ..." for a sentence put after "that"; names stay capitalised."""
     first, _, rest = sentence.partition(" ")
@@ -343,21 +299,16 @@ def _lower_first_word(sentence: str) -> str:
 
 
 class FolioWordsTask(FolioFormulaTask):
-    """FOLIO-format practice in writing a conclusion as a formula, built from the shipped FOLIO stories. The
-    conclusion, shown in words only as FOLIO shows its conclusions, is either one of the story's own premise
-    sentences (kept among the premises or taken out of them, as it is or negated: "It is not true that ...")
-    or a statement about one of its individuals in the story's own vocabulary, as most FOLIO conclusions are
-    ("Jim is a knicks player." for KnicksPlayer(jim), "If Jim is tall, then Jim is not rich.", "Jim is
-    neither tall nor rich."; the words come from the predicate's and constant's names). Without the second
-    kind a model learns to copy a premise's formula whatever the conclusion says. The formula is known, so
-    every problem has a verified reference chain, and z3 labels it. A training set for the translation FOLIO
-    asks for, from training stories only (the split is FOLIO's, by story)."""
+    """FOLIO-format practice in writing a conclusion as a formula, built from the shipped FOLIO stories: the
+    conclusion is one of the story's own premise sentences, kept among the premises or taken out of them,
+    as it is or negated ("It is not true that ..."), shown in words only as FOLIO shows its conclusions;
+    the formula (the premise's own, or its negation) is known, so every problem has a verified reference
+    chain, and z3 labels it. A training set for the translation FOLIO asks for, from training stories only
+    (the split is FOLIO's, by story)."""
 
     name = "folio-nl"
-    description = "FOLIO stories with a conclusion in words: write it as a formula and check it"
+    description = "FOLIO stories with a conclusion in words drawn from the premises: write it as a formula and check it"
     require_conclusion_fol = False
-    CANDIDATES = 36
-    PER_LABEL = 2
 
     def shown_formula(self, conclusion: str) -> str | None:
         return None  # in words only: writing the formula is the exercise
@@ -371,8 +322,7 @@ class FolioWordsTask(FolioFormulaTask):
             out += [("premise", everything, formula, sentence), ("premise-removed", rest, formula, sentence),
                     ("negated", everything, f"¬({formula})", negated), ("negated-removed", rest, f"¬({formula})", negated)]
         rng.shuffle(out)
-        about = _statements_about_individuals(rng, words, formulas, parsed)
-        return [candidate for pair in itertools.zip_longest(out, about) for candidate in pair if candidate][: self.CANDIDATES]
+        return out[: self.CANDIDATES]
 
     def demonstration(self) -> tuple[Problem, list[Call]]:
         demo, calls = _demonstration(self.name)
