@@ -10,7 +10,6 @@ fcapp's. 6-10 minutes on the 2-core box, depending on what else runs on it.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -24,7 +23,7 @@ from typing import Callable, Iterator, TypeVar
 import torch
 import transformers
 
-from benchmarks.report import Row, log, publish, table
+from benchmarks.report import Row, arguments, log, publish, table
 from benchmarks.report import machine as machine_basics
 from fcapp.batching import solve_batch
 from fcapp.models.base import Message
@@ -297,7 +296,7 @@ def run(llama: Path | None = None) -> tuple[dict[str, str], list[Row]]:
         rows += bf16_rows(model, ids, chain, bandwidth, task, problem)
 
         log("precisions" + (" and llama.cpp" if llama else ""))
-        rows += precision_rows(ids, bandwidth, threads, llama, task, problem, chain)
+        rows += precision_rows(model, ids, bandwidth, llama, task, problem, chain)
 
     info["threads used"] = str(threads)
     info["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -355,14 +354,15 @@ def samples_row(name: str, model: LocalModel, task: Task, problem: Problem) -> R
                f"{one_by_one / together:.2f}x", ">= 3x", one_by_one / together >= 3)
 
 
-def precision_rows(ids: list[int], bandwidth: float, threads: int, llama: Path | None,
+def precision_rows(fp32: LocalModel, ids: list[int], bandwidth: float, llama: Path | None,
                    task: Task, problem: Problem, chain: Chain) -> list[Row]:
     """Per decode precision: one sequence's decode rate against the bandwidth bound of the bytes that
     precision reads per token, an 8-sequence decode step, prefill (fp32 weights whatever the
     precision), whether the greedy chain is fp32's and 8 samples batched; llama.cpp's decode and
     prefill on the shipped GGUF beside them when `llama` is given. Each round measures everything
-    once, in turns; the best of two rounds counts."""
-    models = {name: LocalModel(None if name == "fp32" else f"smollm2@{name}", threads=threads) for name in PRECISIONS}
+    once, in turns; the best of two rounds counts. `fp32` is the run's model; the quantised ones use its threads."""
+    models = {name: fp32 if name == "fp32" else LocalModel(f"smollm2@{name}", threads=fp32.threads)
+              for name in PRECISIONS}
     best: dict[tuple[str, str], float] = {}
     theirs: dict[str, tuple[float, int]] = {}
 
@@ -397,7 +397,7 @@ def precision_rows(ids: list[int], bandwidth: float, threads: int, llama: Path |
         return rows + [Row("llama.cpp decode and prefill on the same GGUF", "skipped: no --llama-bench PATH given", "")]
     (tg, tg_threads), (pp, pp_threads) = theirs["tg"], theirs["pp"]
     return rows + [
-        Row(f"fcapp's fastest decode ({fastest}, {threads} thread(s)) vs llama.cpp tg{DECODE} "
+        Row(f"fcapp's fastest decode ({fastest}, {fp32.threads} thread(s)) vs llama.cpp tg{DECODE} "
             f"({tg_threads} thread(s), the shipped Q4_1 GGUF)", f"{ours_tg:.1f} vs {tg:.1f} tok/s",
             f"{ours_tg / tg:.2f}x", ">= 0.90x", ours_tg / tg >= 0.9),
         Row(f"fcapp prefill vs llama.cpp pp{len(ids)} ({pp_threads} thread(s))", f"{ours_pp:.0f} vs {pp:.0f} tok/s",
@@ -412,8 +412,7 @@ def render(info: dict[str, str], rows: list[Row]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__.splitlines()[0])
-    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS.name} as it is")
+    parser = arguments("python -m benchmarks.decode", __doc__.splitlines()[0], RESULTS)
     parser.add_argument("--llama-bench", type=Path, metavar="PATH",
                         help="a llama.cpp llama-bench binary: measure llama.cpp on the same GGUF, in turns with fcapp")
     args = parser.parse_args()

@@ -54,12 +54,17 @@ def table(title: str, intro: str, info: dict[str, str], rows: list[Row]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def arguments(prog: str, description: str, path: Path) -> argparse.ArgumentParser:
+    """A benchmark's argument parser with the option every benchmark takes, --no-write; add its own to it."""
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {path.name} as it is")
+    return parser
+
+
 def command(prog: str, description: str, path: Path, run: Callable[[], tuple[dict[str, str], list[Row]]],
             render: Callable[[dict[str, str], list[Row]], str]) -> None:
     """The command line of a benchmark whose only option is --no-write: run it, then publish."""
-    parser = argparse.ArgumentParser(prog=prog, description=description)
-    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {path.name} as it is")
-    args = parser.parse_args()
+    args = arguments(prog, description, path).parse_args()
     began = time.time()
     info, rows = run()
     publish(began, info, lambda info: render(info, rows), path, not args.no_write)

@@ -383,9 +383,12 @@ def test_solve_streams_a_chain_with_a_call_and_a_verdict(page):
     screenshot(page, "solve")
 
 
-def test_solve_after_a_task_switch_and_a_clean_stop(page):
+def test_solve_with_a_quantised_model_after_a_task_switch_and_a_clean_stop(page):
     open_tab(page, "Solve (live)")
     choose(page, "solve-task", "fol")
+    page.locator("#solve-model input").click()  # the picker offers the quantised decodings of the embedded model
+    page.locator("[role=option]", has_text="smollm2@int4").first.click()
+    expect(page.locator("#solve-model input")).to_have_value("smollm2@int4")
     page.click("#solve-run")  # at once: the problem list may still show a gsm8k problem
     verdict = page.locator("#solve-verdict")
     expect(verdict).to_contain_text(re.compile(r"\d+ steps? · "), timeout=300_000)
