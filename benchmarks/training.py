@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchmarks.report import log, machine, publish
+from benchmarks.report import arguments, log, machine, publish
 
 RESULTS = Path(__file__).with_name("training_results.md")
 BEFORE_S_PER_PAIR = 9.3  # DPO s/pair (LoRA, fp32) recorded by the earlier benchmarks/dpo.py at commit bafc34a, 2026-11-25
@@ -55,18 +55,23 @@ class Variant:
 
 def variants(pairs: int, examples: int) -> list[Variant]:
     old = {"bf16": False, "demo": True, "score_trained_only": False, "threads": 2}
-    dpo_before = old | {"precompute_ref": False}
+    dpo_before = old | {"precompute_ref": False, "pack": False}
     sft_before = old | {"pack": False, "lora_dropout": 0.05}
     dpo_now = {"precompute_ref": None}
+    dpo_levers = {"score_trained_only": True, "bf16": None, "demo": False}
     steps = {"batch_size": 2, "grad_accum": 1, "epochs": 1.0}
     return [
         Variant("dpo", "before: fp32, demo in the prompt, reference every step, LM head on every position",
                 dpo_before | steps, pairs),
         Variant("dpo", "+ LM head on the trained positions only", dpo_before | {"score_trained_only": True} | steps, pairs),
         Variant("dpo", "+ bf16 autocast", dpo_before | {"score_trained_only": True, "bf16": None} | steps, pairs),
-        Variant("dpo", "+ no demo in the prompt", dpo_before | {"score_trained_only": True, "bf16": None, "demo": False}
+        Variant("dpo", "+ no demo in the prompt", dpo_before | dpo_levers | steps, pairs),
+        Variant("dpo", "+ each pair's prompt once for both completions", dpo_before | dpo_levers | {"pack": True}
                 | steps, pairs),
-        Variant("dpo", "+ reference log-probs once, threads by measuring (the defaults now)", dpo_now | steps, pairs),
+        Variant("dpo", "+ reference log-probs up front", dpo_before | dpo_levers | {"pack": True, "precompute_ref": True}
+                | steps, pairs),
+        Variant("dpo", "+ threads by measuring; reference log-probs up front only from a second pass (the defaults "
+                "now)", dpo_now | steps, pairs),
         Variant("dpo", "defaults, full fine-tuning instead of LoRA", dpo_now | steps | {"adapter": "full"}, pairs),
         Variant("dpo", "defaults, one core busy: 2 fixed threads", dpo_now | steps | {"threads": 2}, pairs, True),
         Variant("dpo", "defaults, one core busy: threads chosen by measuring", dpo_now | steps, pairs, True),
@@ -254,8 +259,7 @@ def run(rows: int = 6, only: str | None = None) -> tuple[dict[str, str], list[Va
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.training", description=__doc__.splitlines()[0])
-    parser.add_argument("--no-write", action="store_true", help=f"print only; leave {RESULTS.name} as it is")
+    parser = arguments("python -m benchmarks.training", __doc__.splitlines()[0], RESULTS)
     parser.add_argument("--rows", type=int, default=6, help="GSM8K pairs / SFT examples per run (default 6: 3 steps)")
     parser.add_argument("--only", choices=["dpo", "sft", "grpo"], help="run one method's variants")
     parser.add_argument("--launch", metavar="CONFIG", help=argparse.SUPPRESS)  # internal: one run's launcher

@@ -99,3 +99,38 @@ def test_scoring_only_the_trained_positions_gives_the_log_probs_of_trls_dense_pa
             trl_utils._use_triton = dense_decision
     assert int((dense != 0).sum()) == sum(packed["assistant_masks"])
     assert torch.allclose(dense, compact, atol=1e-5)
+
+
+def test_a_packed_pair_gives_trls_own_dpo_log_probs_with_its_prompt_computed_once(tokenizer):
+    """DPO packing: `[prompt][chosen][rejected]` in one row, the prompt once, and the per-token log-probs TRL's
+    DPO loss reads, laid out as its padded [chosen rows; rejected rows] batch, equal to its own forward's."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from fcapp.models.registry import resolve_model_path
+    from fcapp.training.packing import PairCollator, SharedPromptForward
+
+    model = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"), dtype=torch.float32)
+    add_fused_lm_head(model)
+    rows = []
+    for pid in ("fol-0-0", "fol-0-1"):
+        chain = correct_chain("fol", pid)
+        prompt = tokenizer.apply_chat_template(chain.prompt, add_generation_prompt=True, tokenize=True,
+                                               return_dict=True)["input_ids"]
+        chosen = tokenizer.encode(chain.steps[0].text + "<|im_end|>")
+        rows.append({"prompt_ids": prompt, "chosen_ids": chosen, "rejected_ids": tokenizer.encode("final_answer(answer=\"True\")")})
+    rows[1]["rejected_ids"] += tokenizer.encode(" and some more words than the other")  # unequal lengths
+    batch = PairCollator(0)(rows)
+    packed = batch.pop("packed")
+    assert packed["input_ids"].size(1) == max(len(r["prompt_ids"]) + len(r["chosen_ids"]) + len(r["rejected_ids"]) + 1
+                                              for r in rows)  # the prompt once (its last token twice)
+
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    with torch.no_grad():
+        theirs = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=labels,
+                       fused_lm_head=True, use_cache=False)
+        ours = SharedPromptForward(model, packed)(input_ids=batch["input_ids"], labels=labels)
+    assert ours.log_probs.shape == theirs.log_probs.shape
+    assert torch.equal(ours.label_mask, theirs.label_mask)
+    assert torch.allclose(ours.log_probs, theirs.log_probs, atol=1e-4)
+    assert torch.allclose(ours.log_probs.sum(1), theirs.log_probs.sum(1), rtol=1e-4)

@@ -136,6 +136,7 @@ def test_stop_file_stops_cleanly_and_saves_the_model(pairs_file: Path) -> None:
     assert job.returncode == 0
     card = json.loads((job.out / "card.json").read_text())
     assert card["status"] == "stopped" and 1 <= card["global_step"] < 200
+    assert card["precomputed_reference"]  # 200 steps pass over the 8 pairs many times: the reference once, up front
     assert (job.out / "model" / "config.json").exists()
     assert any((job.out / "checkpoints").glob("checkpoint-*")), "a stopped run can be resumed"
 
@@ -285,6 +286,21 @@ def test_two_rounds_store_one_evaluation_per_round(home: Path) -> None:
         problems = {c["problem_id"] for c in store.list_chains(task="fol", limit=1000)}
         assert all(split_of(p) == "train" for p in problems)
     assert (job.out / "round-2" / "model" / "config.json").exists() and (job.out / "model" / "config.json").exists()
+
+
+def test_reference_log_probs_are_computed_up_front_only_for_more_than_one_pass() -> None:
+    """Up front, each pair's reference is computed once for the whole run; in one pass it is needed once
+    anyway, so precomputing only pays from the second pass over the pairs."""
+    from fcapp.training.dpo import precompute_reference
+
+    def config(**options) -> TrainConfig:
+        return TrainConfig(name="x", data="pairs.jsonl", batch_size=2, grad_accum=2, **options)  # 3 steps a pass of 12
+
+    assert precompute_reference(config(epochs=3.0), pairs=12)
+    assert precompute_reference(config(max_steps=4), pairs=12)
+    assert not precompute_reference(config(epochs=1.0), pairs=12)
+    assert not precompute_reference(config(max_steps=3), pairs=12)
+    assert not precompute_reference(config(max_steps=1), pairs=12)
 
 
 # ---- the CLI and the app see the same runs --------------------------------------------------------------

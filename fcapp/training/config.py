@@ -80,8 +80,9 @@ class TrainConfig:
     drop_too_long: bool = option(False, "drop rows longer than max_length instead of refusing the file")
     score_trained_only: bool = option(True, "TRL's fused LM head projects only the trained positions (off: TRL's own "
                                             "path, which on a CPU scores every position; steps ~1.6x slower)")
-    pack: bool = option(True, "SFT: pack each batch into one sequence holding the shared system prompt once "
-                              "(same loss, fewer tokens computed)", methods=("sft", "dpo", "grpo", "rounds"))
+    pack: bool = option(True, "compute a shared prompt once: SFT packs each batch into one sequence holding the "
+                              "system prompt once, DPO each pair's prompt once for both completions (same loss, "
+                              "fewer tokens computed)", methods=("sft", "dpo", "grpo", "rounds"))
     save_steps: int = option(50, "checkpoint interval in steps (the last two are kept)")
     seed: int = option(0, "seed of the data order, dropout and sampling")
     bf16: bool | None = option(None, "bf16 autocast (fp32 master weights); default: on where it is faster "
@@ -99,7 +100,7 @@ class TrainConfig:
     beta: float = option(0.1, "DPO temperature: how far the tuned model may move from the reference",
                          methods=("dpo", "rounds"))
     precompute_ref: bool | None = option(None, "compute the reference log-probs once before training; default: when "
-                                               "the run sees every pair at least once", methods=("dpo", "rounds"))
+                                               "the run passes over its pairs more than once", methods=("dpo", "rounds"))
     warmup_steps: int = option(0, "SFT steps before DPO or GRPO (on the chosen chains, or --warmup-data); "
                                   "DPO's reference is then the warmed-up model", methods=("dpo", "grpo"))
     warmup_data: str | None = option(None, "SFT examples for the warm-up (default: the pairs' chosen chains)",

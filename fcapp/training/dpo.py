@@ -3,7 +3,7 @@
 DPO has no assistant-only masking: tool results inside `chosen` / `rejected` are scored too, and the
 shared prefix (system prompt with the functions, the question) stays in `prompt`. With LoRA the
 reference is the same weights with the adapter off, so no second copy is held; when the run covers
-its data at least once, the reference log-probs are computed once up front instead of every step.
+its data more than once, the reference log-probs are computed once up front instead of every step.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fcapp.training import sft
 from fcapp.training.common import checkpointing, fit_length, lora, run_stage, trainer_args, training_prompt
 from fcapp.training.config import TrainConfig
 from fcapp.training.folder import RunFolder
+from fcapp.training.packing import PairCollator, SharedPromptForward
 
 COLUMNS = ("prompt", "chosen", "rejected")
 
@@ -39,11 +40,12 @@ def fitting_pairs(rows: list[dict[str, Any]], tokenizer: Any, config: TrainConfi
 
 
 def precompute_reference(config: TrainConfig, pairs: int) -> bool:
-    """Compute the reference log-probs once when the run sees every pair at least once (else computing
-    them for pairs it never trains on costs more than it saves)."""
+    """Compute the reference log-probs once when the run passes over its pairs more than once. In one pass
+    or less each pair's reference is needed once anyway (computing it up front saves nothing, and for pairs
+    a short run never reaches it costs more; measured slower in benchmarks/training_results.md)."""
     steps_per_epoch = math.ceil(pairs / (config.batch_size * config.grad_accum))
     steps = config.max_steps if config.max_steps > 0 else math.ceil(config.epochs * steps_per_epoch)
-    return steps >= steps_per_epoch
+    return steps > steps_per_epoch
 
 
 def warmup_rows(config: TrainConfig, pairs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -85,8 +87,36 @@ def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, pairs: l
     def make_trainer(model: Any, output_dir: Path, callbacks: list[Any]) -> Any:
         args = DPOConfig(**trainer_args(config, output_dir, **(checkpointing(config) if checkpoints else {})),
                          beta=config.beta, max_length=config.max_length, precompute_ref_log_probs=precompute)
-        return DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list([{c: p[c] for c in COLUMNS}
-                                                                                   for p in pairs]),
-                          processing_class=tokenizer, callbacks=callbacks, peft_config=lora(config))
+        trainer = _shared_prompt_trainer() if config.pack else DPOTrainer
+        return trainer(model=model, args=args, train_dataset=Dataset.from_list([{c: p[c] for c in COLUMNS}
+                                                                                for p in pairs]),
+                       processing_class=tokenizer, callbacks=callbacks, peft_config=lora(config),
+                       data_collator=PairCollator(tokenizer.pad_token_id or 0) if config.pack else None)
 
     return run_stage(config, folder, stage, base_path, tokenizer, target, make_trainer, checkpoints, card, extra)
+
+
+def _shared_prompt_trainer() -> type:
+    """TRL's DPOTrainer with each pair's prompt computed once for both completions (see training.packing):
+    the policy's and the reference's forward passes run on the packed pairs; TRL's loss is untouched. The
+    reference goes the same packed way as the policy, so at step 1 the two agree exactly (a padded reference
+    beside a packed policy differs by bf16 rounding: a loss of 0.689 instead of log 2)."""
+    from trl import DPOTrainer
+
+    class SharedPromptDPO(DPOTrainer):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.precompute_ref_logps = True  # TRL's loss then reads each batch's reference from the batch
+
+        def _compute_loss(self, model: Any, inputs: dict[str, Any], return_outputs: bool) -> Any:
+            packed = inputs.pop("packed")
+            if "ref_chosen_logps" not in inputs:  # not precomputed up front: this batch's, now
+                inputs["ref_chosen_logps"], inputs["ref_rejected_logps"] = super().compute_ref_log_probs(
+                    SharedPromptForward(self.ref_model or self.model, packed), inputs)
+            return super()._compute_loss(SharedPromptForward(model, packed), inputs, return_outputs)
+
+        def compute_ref_log_probs(self, model: Any, inputs: dict[str, Any]) -> Any:
+            packed = inputs.pop("packed")
+            return super().compute_ref_log_probs(SharedPromptForward(model, packed), inputs)
+
+    return SharedPromptDPO

@@ -8,6 +8,10 @@ instead of once per example, and nothing is padded.
 A pack holds up to `batch_size` examples, so an optimizer step still sees batch_size x grad_accum examples.
 The shared prefix stops before an example's first trained token, so every trained token counts once (and
 is predicted from its own example's tokens), as without packing.
+
+DPO packs each pair the same way, `[prompt][chosen][rejected]` with the prompt once (`PairCollator`):
+TRL's DPO loss is left as it is and sees its usual [chosen rows; rejected rows] log-probs, which
+`SharedPromptForward` lays out from the one packed forward pass.
 """
 
 from __future__ import annotations
@@ -85,3 +89,64 @@ class PackedCollator:
                 start = end
             mask[b, 0, range(n, length), range(n, length)] = True  # padding sees itself: no all-masked row
         return {"input_ids": ids, "labels": labels, "position_ids": positions, "attention_mask": mask}
+
+
+def pack_pair(prompt: list[int], chosen: list[int], rejected: list[int]) -> dict[str, Any]:
+    """One preference pair as a pack: the prompt but its last token as the prefix, then each completion
+    behind that last token (untrained, so each completion's first token is predicted from its own prompt)."""
+    rests = [prompt[-1:] + chosen, prompt[-1:] + rejected]
+    labels = [-100] * (len(prompt) - 1)
+    for rest in rests:
+        labels += [-100] + rest[1:]
+    return {"input_ids": prompt[:-1] + rests[0] + rests[1], "labels": labels,
+            "segments": [len(prompt) - 1, len(rests[0]), len(rests[1])]}
+
+
+class PairCollator:
+    """TRL's preference batch (prompt_ids / chosen_ids / rejected_ids rows -> padded [chosen; rejected] rows)
+    plus `packed`: the same pairs packed with their prompt once, and where each packed log-prob goes in
+    TRL's layout."""
+
+    def __init__(self, pad_id: int) -> None:
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        self.padded = DataCollatorForPreference(pad_token_id=pad_id)
+        self.packed = PackedCollator(pad_id)
+
+    def __call__(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        batch = self.padded(rows)
+        packs = [pack_pair(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in rows]
+        index: list[list[int]] = [[], [], [], []]  # TRL row, TRL column, packed row, packed column
+        for b, (row, packed) in enumerate(zip(rows, packs)):
+            start = len(row["prompt_ids"]) - 1  # log-prob column of a completion's first token, unpacked
+            chosen, rejected = len(row["chosen_ids"]), len(row["rejected_ids"])
+            for trl_row, length, packed_start in ((b, chosen, start), (len(rows) + b, rejected, start + 1 + chosen)):
+                index[0] += [trl_row] * length
+                index[1] += range(start, start + length)
+                index[2] += [b] * length
+                index[3] += range(packed_start, packed_start + length)
+        batch["packed"] = self.packed(packs) | {"index": torch.tensor(index)}
+        return batch
+
+
+class SharedPromptForward:
+    """Stands in for the model inside TRL's DPO loss: one forward pass over the packed pairs, its per-token
+    outputs (zero off the trained tokens, as TRL's fused head gives them) laid out as TRL's padded batch."""
+
+    FIELDS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+
+    def __init__(self, model: Any, packed: dict[str, Any]) -> None:
+        self.model, self.packed = model, packed
+
+    def __call__(self, input_ids: Any, **_: Any) -> Any:
+        """`input_ids`: TRL's padded batch, read for its shape only (the packed batch holds the same tokens)."""
+        index = self.packed["index"]
+        out = self.model(**{k: v for k, v in self.packed.items() if k != "index"}, fused_lm_head=True, use_cache=False)
+        shape = (input_ids.size(0), input_ids.size(1) - 1)
+        for name in self.FIELDS:
+            value = getattr(out, name)
+            if value is not None:
+                setattr(out, name, value.new_zeros(shape).index_put((index[0], index[1]), value[index[2], index[3]]))
+        return out
