@@ -4,6 +4,7 @@ DPO has no assistant-only masking: tool results inside `chosen` / `rejected` are
 shared prefix (system prompt with the functions, the question) stays in `prompt`. With LoRA the
 reference is the same weights with the adapter off, so no second copy is held; when the run covers
 its data more than once, the reference log-probs are computed once up front instead of every step.
+With `pack` (the default) each pair's prompt is computed once for both completions.
 """
 
 from __future__ import annotations
