@@ -266,10 +266,14 @@ def build(ctx: Context) -> None:
     past.input(load_past, past, eval_shown)
 
     def refresh_models(current_b) -> dict:
-        """A newly registered model becomes model B when B was the base model or no longer exists."""
+        """A newly registered model becomes model B when B was the base model or no longer exists. Otherwise
+        only the choices change: a value sent back would undo a pick made while this ran (opening the tab)."""
         choices = model_choices()
-        b = tuned_default() if current_b in (None, "", EMBEDDED) or current_b not in choices else current_b
-        return {model_b: gr.update(choices=choices, value=b), no_tuned: gr.update(visible=tuned_default() == EMBEDDED)}
+        if current_b in (None, "", EMBEDDED) or current_b not in choices:
+            b = gr.update(choices=choices, value=tuned_default())
+        else:
+            b = gr.update(choices=choices)
+        return {model_b: b, no_tuned: gr.update(visible=tuned_default() == EMBEDDED)}
 
     tab.select(refresh_models, model_b, {model_b, no_tuned})
     ctx.models_version.change(refresh_models, model_b, {model_b, no_tuned})
