@@ -472,8 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="which correct chains: reference, teacher (verifier-accepted), human (accepted by a person)")
     p.add_argument("--max-per-problem", type=int, default=4)
     p.add_argument("--keep-guesses", action="store_true",
-                   help="also keep teacher chains that did not work their right answer out: their own last tool "
-                        "result does not give it, or (logic) their check tests a premise copied or a tautology")
+                   help="also keep teacher chains whose right answer their own last tool result does not give")
     p.add_argument("--db")
     p.set_defaults(func=cmd_examples)
 

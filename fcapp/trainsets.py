@@ -14,7 +14,6 @@ left out when sets are built from the store, and a file holding one is refused, 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -27,7 +26,6 @@ from typing import Any, Literal
 from fcapp.files import DataFileError, atomic_write, atomic_write_text, read_jsonl
 from fcapp.records import FINAL_ANSWER, Chain, Message
 from fcapp.store import Store
-from fcapp.tasks.base import Problem
 
 Kind = Literal["pairs", "sft"]
 COLUMNS: dict[str, tuple[str, ...]] = {"pairs": ("prompt", "chosen", "rejected"), "sft": ("prompt", "completion")}
@@ -230,33 +228,17 @@ def chain_source(chain: dict[str, Any]) -> str:
     return "reference" if chain["reference"] else "teacher"
 
 
-def grounded(task: str, record: dict[str, Any], problem: Problem | None = None) -> bool:
+def grounded(task: str, record: dict[str, Any]) -> bool:
     """Whether a chain's final answer is what its last tool call returned (by the task's own verifier): an
-    answer the chain worked out, not a right guess that its calls contradict (a 1-in-3 chance on FOL). Given
-    the problem, its calls must also be a working of that problem (`Task.faithful`: on FOLIO, a `check` of a
-    formula that states the conclusion, not a premise copied)."""
+    answer the chain worked out, not a right guess that its calls contradict (a 1-in-3 chance on FOL)."""
     from fcapp.tasks import get_task
+    from fcapp.tasks.base import Problem
 
     chain = Chain.from_dict(record)
-    steps = [s for s in chain.steps if s.result is not None and s.call and s.call.name != FINAL_ANSWER]
-    if not steps or chain.answer is None:
+    results = [s.result for s in chain.steps if s.result is not None and s.call and s.call.name != FINAL_ANSWER]
+    if not results or chain.answer is None:
         return False
-    solver = get_task(task)
-    if not solver.verify(Problem("tool-result", task, "", str(steps[-1].result)), chain.answer):
-        return False
-    return problem is None or solver.faithful(problem, [s.call for s in steps])
-
-
-def _problem(store: Store, task: str, problem_id: str) -> Problem | None:
-    """A chain's problem: as the store holds it, else from the task's own problems (a chain stored without
-    its problem); None when neither knows it."""
-    from fcapp.tasks import get_task
-
-    problem = store.get_problem(problem_id, task)
-    if problem is None:
-        with contextlib.suppress(KeyError):
-            problem = get_task(task).get(problem_id)
-    return problem
+    return get_task(task).verify(Problem("tool-result", task, "", str(results[-1])), chain.answer)
 
 
 def build_examples(store: Store, task: str, sources: tuple[str, ...] = SFT_SOURCES, max_per_problem: int = 4,
@@ -272,13 +254,12 @@ def build_examples(store: Store, task: str, sources: tuple[str, ...] = SFT_SOURC
         raise ValueError(f"unknown SFT source(s) {', '.join(sorted(unknown))}; choose from {', '.join(SFT_SOURCES)}")
     rows = []
     for problem_id, chains in _training_chains(store, task, model_ids).items():
-        problem = _problem(store, task, problem_id)
         seen: set[str] = set()
         for chain in chains:
             if not chain["effective_verdict"] or chain_source(chain) not in sources:
                 continue
             record = chain["effective_record"]
-            if grounded_only and chain_source(chain) == "teacher" and not grounded(task, record, problem):
+            if grounded_only and chain_source(chain) == "teacher" and not grounded(task, record):
                 continue
             completion = _completion(record)
             fingerprint = _fingerprint(record["prompt"] + completion)

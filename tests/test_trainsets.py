@@ -253,67 +253,6 @@ def test_a_right_answer_its_own_calls_contradict_is_not_grounded():
     assert grounded("gsm8k", correct_chain("gsm8k", "gsm8k-1").to_dict())
 
 
-def _folio_chain(problem_id: str, formula: str, seed: int):
-    """A teacher's FOLIO chain: `check(formula)`, then the verdict it returned as the answer."""
-    from fcapp.records import Call
-    from fcapp.solve import finish, start_chain
-    from fcapp.tasks import get_task
-
-    task = get_task("folio")
-    problem = task.get(problem_id)
-    agent, chain = start_chain(task, problem, "teacher")
-    chain.seed = seed
-    agent.replay(chain, [Call("check", {"conclusion": formula})])
-    agent.replay(chain, [Call("final_answer", {"answer": chain.steps[-1].result})])
-    chain.reference = False  # replayed calls are marked as a reference chain; these stand for a model's
-    finish(task, problem, chain)
-    return chain
-
-
-def test_a_folio_chain_right_by_a_copied_premise_a_tautology_or_another_individual_is_no_example(tmp_path):
-    """On FOLIO in words a chain's `check` formula is its own translation of the conclusion, and with three
-    labels a wrong one is often right anyway. Of four chains that all end on the right True, each its own
-    `check` verdict, only the one that checks a statement of the conclusion is learned from: a premise
-    copied is True whatever the conclusion says, a tautology is true of anything, and a formula without
-    `tom` is not about "Tom"."""
-    from fcapp.tasks import get_task
-    from fcapp.trainsets import build_examples
-
-    problem = get_task("folio").get("folio-250")
-    assert (problem.meta["conclusion"], problem.answer, problem.split) == ("Tom uses the zip code 98199.", "True",
-                                                                          "train")
-    formulas = {"Usezipcode(tom, number98199)": True,
-                "Citizenof(tom, lawtonPark)": False,  # a premise, copied
-                "∀x (Usezipcode(x, number98199) → Usezipcode(x, number98199))": False,  # true of anything
-                "∃x Usezipcode(x, number98199)": False}  # entailed, but says nothing of Tom
-    store = Store(tmp_path / "folio.db")
-    chain_ids = {}
-    for seed, formula in enumerate(formulas):
-        chain = _folio_chain(problem.id, formula, seed)
-        assert chain.verdict and chain.steps[0].result == "True"
-        chain_ids[formula] = store.add_chain(chain, chain.verdict)
-        assert get_task("folio").faithful(problem, [chain.steps[0].call]) is formulas[formula]
-
-    kept = build_examples(store, "folio")
-    assert [row["chain_id"] for row in kept] == [chain_ids["Usezipcode(tom, number98199)"]]
-    assert len(build_examples(store, "folio", grounded_only=False)) == 4
-
-
-def test_where_the_conclusion_has_a_formula_a_chain_must_check_that_formula():
-    """`fol` and FOLIO-with-formula problems carry the conclusion's formula: the reference chain's `check` is
-    a working of the problem, a `check` of any other formula is not, even one with the same verdict."""
-    from fcapp.records import Call
-    from fcapp.tasks import get_task
-
-    task = get_task("fol")
-    problem = task.split("train")[0]
-    reference = correct_chain("fol", problem.id)
-    assert task.faithful(problem, [s.call for s in reference.steps])
-    assert not task.faithful(problem, [Call("check", {"conclusion": problem.meta["premises_fol"][0]})])
-    assert not task.faithful(problem, [Call("check", {"conclusion": "P(("})])
-    assert not task.faithful(problem, [])
-
-
 def test_sft_examples_leave_out_a_teachers_right_guess_unless_asked(tmp_path):
     """A teacher chain whose right answer its own `check` contradicts is a guess (1 in 3 on FOL), no chain to
     imitate. By default only grounded teacher chains are examples; reference chains always are."""

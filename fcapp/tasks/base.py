@@ -61,12 +61,6 @@ class Task(ABC):
             raise ValueError("type the corrected final answer")
         return answer
 
-    def faithful(self, problem: Problem, calls: list[Call]) -> bool:
-        """Whether a chain's calls work on `problem` itself, beyond ending on the right answer: the last filter
-        before a model's own chain is trained on. By default every chain does; a task whose answers can be
-        right by luck (three labels) says what a real working looks like."""
-        return True
-
     @abstractmethod
     def reference_calls(self, problem: Problem) -> list[Call] | None:
         """A correct chain of calls for this problem, when the data allows building one."""

@@ -51,15 +51,6 @@ def render_question(premises: list[str], premises_fol: list[str], conclusion: st
     return "\n".join(lines)
 
 
-def _names(sentence: str, constant: str) -> bool:
-    """Whether `sentence` names the individual `constant` in words: `newYorkCity` or `new_york_city` in
-    "... New York City ...", `amy` in "Amy is ..."; names under three letters are too ambiguous to count."""
-    words = re.findall(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+", constant)
-    if len("".join(words)) < 3:
-        return False
-    return re.search(r"\b" + r"[\s_-]*".join(map(re.escape, words)) + r"\b", sentence, re.IGNORECASE) is not None
-
-
 def story_group(story_id: str | int) -> str:
     """The split group of a FOLIO story: every problem about the story is in the same split, so no
     held-out story's premises are ever trained on under another conclusion."""
@@ -116,30 +107,6 @@ class _FolTask(Task):
         if label is None:
             raise ValueError(f"a {self.name} answer is True, False or Unknown, not {answer.strip()[:40]!r}")
         return label
-
-    def faithful(self, problem: Problem, calls: list[Call]) -> bool:
-        """The last `check` tests the conclusion: the conclusion's own formula when the problem has one (shown or
-        not); else a formula that parses, is no premise copied, is not true or false whatever the premises say
-        (`∀x (A(x) → A(x))`), and names every individual of the premises that the conclusion names in words
-        ("Amy is an athlete." needs `amy`). A copied premise is always True and a formula about someone else
-        is mostly Unknown, so with three labels such chains are often right by luck, and imitating them
-        teaches wrong translations."""
-        checks = [c for c in calls if c.name == "check" and isinstance(c.arguments.get("conclusion"), str)]
-        if not checks:
-            return False
-        try:
-            formula = parse(checks[-1].arguments["conclusion"])
-            if problem.meta.get("conclusion_fol"):
-                return logic_module.to_text(formula) == logic_module.to_text(parse(problem.meta["conclusion_fol"]))
-            premises = [parse(f) for f in problem.meta["premises_fol"]]
-            if logic_module.to_text(formula) in {logic_module.to_text(p) for p in premises}:
-                return False
-            if decide_parsed([], formula) != "Unknown":
-                return False
-        except ToolError:
-            return False
-        named = {c for p in premises for c in constants(p) if _names(problem.meta.get("conclusion") or "", c)}
-        return named <= constants(formula)
 
     def reference_calls(self, problem: Problem) -> list[Call] | None:
         """check(conclusion) then the label, when the conclusion's FOL exists and z3 agrees with the label."""

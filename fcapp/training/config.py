@@ -124,9 +124,8 @@ class TrainConfig:
     rounds: int = option(2, "rounds of sample -> verify -> train -> evaluate", methods=("rounds",))
     round_method: Literal["sft", "dpo"] = option("sft", "what each round trains: sft on its correct chains, "
                                                         "or dpo on correct vs incorrect", methods=("rounds",))
-    grounded_only: bool = option(True, "learn only from chains that worked their answer out: it is what their last "
-                                       "tool call returned, and on logic that call checks the conclusion itself "
-                                       "(no premise copied, no tautology), not a right guess", methods=("rounds",))
+    grounded_only: bool = option(True, "learn only from chains whose final answer is what their last tool call "
+                                       "returned, not a right guess", methods=("rounds",))
     eval_limit: int = option(60, "held-out problems evaluated after each round", methods=("rounds",))
     db: str | None = option(None, "SQLite store for the rounds' chains and evaluations (default: the data folder's)",
                             methods=("rounds",))
