@@ -17,7 +17,7 @@ from fcapp.models import get_model, teachers
 from fcapp.models.base import ModelError, complete
 from fcapp.models.teachers import Teacher, parse_teacher, read_teachers
 from fcapp.store import Store
-from fcapp.ui import common, solve
+from fcapp.ui import common, compare, solve
 
 KEY = "sk-canary-0b5e"
 ANSWER = (200, sse(delta('final_answer(answer="72")'), delta(finish="stop")), {})
@@ -75,6 +75,13 @@ def test_configured_teachers_are_offered_by_name(keyed) -> None:
     assert common.model_choices()[-1] == "teacher:keyed"
     model = common.get_model("teacher:keyed")
     assert (model.url, model.model_id) == (f"{keyed.url}/chat/completions", "big-model")
+
+
+def test_compare_s_model_b_is_the_newest_tuned_model_never_a_teacher_or_a_quantised_base(keyed) -> None:
+    embedded = common.EMBEDDED
+    assert compare.tuned_default(common.model_choices()) == embedded  # only the teacher besides the base
+    listed = [embedded, "fol-2", "fol-1", f"{embedded}@int8", f"{embedded}@int4", "teacher:keyed"]
+    assert compare.tuned_default(listed) == "fol-2"
 
 
 def test_a_key_does_not_follow_a_redirect(scripted, monkeypatch) -> None:

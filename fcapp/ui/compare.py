@@ -21,9 +21,11 @@ SUMMARY_HEADERS = ["model", "accuracy", "95% CI", "valid-call rate", "mean steps
                    "p vs first"]
 
 
-def tuned_default() -> str:
-    """The newest tuned model, else the embedded one (base vs base)."""
-    return next((c for c in model_choices(quantised=False)[1:] if not c.startswith(teachers.PREFIX)), EMBEDDED)
+def tuned_default(choices: list[str]) -> str:
+    """The newest tuned model among `choices` (as `model_choices` lists them), else the embedded one (base vs
+    base)."""
+    tuned = (c for c in choices if c.split("@")[0] != EMBEDDED and not c.startswith(teachers.PREFIX))
+    return next(tuned, EMBEDDED)
 
 
 def side_by_side(task_obj, problem, models: dict[str, object], config: SolveConfig, views: dict[str, ChainView],
@@ -207,16 +209,17 @@ def build(ctx: Context) -> None:
             problem = gr.Dropdown(initial, value=initial[0][1] if initial else None, label="Held-out problem",
                                   allow_custom_value=True, elem_id="cmp-problem", scale=3)  # see solve-problem
         problem_md = gr.Markdown(problem_text(task0, initial[0][1] if initial else None), elem_id="cmp-problem-text")
+        choices = model_choices()
         with gr.Row():
-            model_a = gr.Dropdown(model_choices(), value=EMBEDDED, allow_custom_value=True, label="Model A (base)",
+            model_a = gr.Dropdown(choices, value=EMBEDDED, allow_custom_value=True, label="Model A (base)",
                                   elem_id="cmp-model-a")
-            model_b = gr.Dropdown(model_choices(), value=tuned_default(), allow_custom_value=True,
+            model_b = gr.Dropdown(choices, value=tuned_default(choices), allow_custom_value=True,
                                   label="Model B (tuned)", elem_id="cmp-model-b")
             max_steps = gr.Slider(1, 20, value=10, step=1, label="Step limit", elem_id="cmp-max-steps")
             max_new = gr.Slider(16, 512, value=160, step=8, label="Max new tokens per step", elem_id="cmp-max-new")
         no_tuned = gr.Markdown("No tuned model yet: this compares the base model with itself. Train one in the "
                                "Train tab, then it appears as model B.", elem_id="cmp-empty", elem_classes="fc-empty",
-                               visible=tuned_default() == EMBEDDED)
+                               visible=tuned_default(choices) == EMBEDDED)
         with gr.Row():
             run_btn = gr.Button("Solve side by side", variant="primary", elem_id="cmp-run")
             stop_btn = gr.Button("Stop", variant="stop", elem_id="cmp-stop")
@@ -269,11 +272,12 @@ def build(ctx: Context) -> None:
         """A newly registered model becomes model B when B was the base model or no longer exists. Otherwise
         only the choices change: a value sent back would undo a pick made while this ran (opening the tab)."""
         choices = model_choices()
+        newest = tuned_default(choices)
         if current_b in (None, "", EMBEDDED) or current_b not in choices:
-            b = gr.update(choices=choices, value=tuned_default())
+            b = gr.update(choices=choices, value=newest)
         else:
             b = gr.update(choices=choices)
-        return {model_b: b, no_tuned: gr.update(visible=tuned_default() == EMBEDDED)}
+        return {model_b: b, no_tuned: gr.update(visible=newest == EMBEDDED)}
 
     tab.select(refresh_models, model_b, {model_b, no_tuned})
     ctx.models_version.change(refresh_models, model_b, {model_b, no_tuned})
