@@ -88,11 +88,12 @@ def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, pairs: l
     def make_trainer(model: Any, output_dir: Path, callbacks: list[Any]) -> Any:
         args = DPOConfig(**trainer_args(config, output_dir, **(checkpointing(config) if checkpoints else {})),
                          beta=config.beta, max_length=config.max_length, precompute_ref_log_probs=precompute)
-        trainer = _shared_prompt_trainer() if config.pack else DPOTrainer
+        trainer, collator = ((_shared_prompt_trainer(), PairCollator(tokenizer.pad_token_id or 0)) if config.pack
+                             else (DPOTrainer, None))
         return trainer(model=model, args=args, train_dataset=Dataset.from_list([{c: p[c] for c in COLUMNS}
                                                                                 for p in pairs]),
                        processing_class=tokenizer, callbacks=callbacks, peft_config=lora(config),
-                       data_collator=PairCollator(tokenizer.pad_token_id or 0) if config.pack else None)
+                       data_collator=collator)
 
     return run_stage(config, folder, stage, base_path, tokenizer, target, make_trainer, checkpoints, card, extra)
 
