@@ -10,11 +10,14 @@ import sqlite3
 import sys
 from typing import Callable
 
+from fcapp import flags
+from fcapp.evaluate import EvalConfig
 from fcapp.export import GGUF_TYPES
-from fcapp.models.registry import EMBEDDED, PRECISIONS
+from fcapp.generate import GenerateConfig
+from fcapp.models import QUANTISED, SPEC_HELP
+from fcapp.models.registry import EMBEDDED
 from fcapp.records import Event, stop_words
-
-QUANTISED = " or ".join(f"'@{precision}'" for precision in PRECISIONS if precision != "fp32")
+from fcapp.solve import SolveConfig
 
 
 def _print(text: str = "", end: str = "\n") -> None:
@@ -22,28 +25,9 @@ def _print(text: str = "", end: str = "\n") -> None:
     sys.stdout.flush()
 
 
-def _model_args(parser: argparse.ArgumentParser, flag: str = "--model") -> None:
-    parser.add_argument(flag, default=EMBEDDED,
-                        help="'smollm2' (embedded), a tuned model name, a local folder, http://HOST:PORT/v1#MODEL, "
-                             "or teacher:NAME (configured in teachers.json in the data folder); a local model "
-                             f"followed by {QUANTISED} decodes with quantised weights")
+def _api_key_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--api-key-env", default="OPENAI_API_KEY",
                         help="environment variable holding the API key of an http:// model")
-
-
-def _chain_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-steps", type=int, default=10, help="step limit of a chain (the paper uses 10 and 20)")
-    parser.add_argument("--temperature", type=float, default=0.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--max-new-tokens", type=int, default=160)
-    parser.add_argument("--seed", type=int, default=0)
-
-
-def _solve_config(args: argparse.Namespace):
-    from fcapp.solve import SolveConfig
-
-    return SolveConfig(max_steps=args.max_steps, temperature=args.temperature, top_p=args.top_p,
-                       max_new_tokens=args.max_new_tokens, seed=args.seed)
 
 
 def render_event(event: Event, out: Callable[..., None] = _print) -> None:
@@ -76,7 +60,7 @@ def cmd_solve(args: argparse.Namespace) -> int:
         _print(f"task {task.name} | problem {problem.id} | model {model.model_id}")
         _print(f"Question: {problem.question}")
     chain = None
-    for event in solve_events(task, problem, model, _solve_config(args)):
+    for event in solve_events(task, problem, model, flags.from_args(SolveConfig, args)):
         if not args.json:
             render_event(event)
         chain = event.chain or chain
@@ -102,17 +86,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from fcapp.generate import GenerateConfig, generate
+    from fcapp.generate import generate
     from fcapp.models import get_model
 
-    config = GenerateConfig(args.task, teacher=args.teacher, samples=args.samples, limit=args.limit, split=args.split,
-                            temperature=args.temperature, top_p=args.top_p, max_steps=args.max_steps,
-                            max_new_tokens=args.max_new_tokens, concurrency=args.concurrency, seed=args.seed,
-                            reference=args.reference)
+    config = flags.from_args(GenerateConfig, args)
     store = _store(args)
-    model = get_model(args.teacher, api_key_env=args.api_key_env)
+    model = get_model(config.teacher, api_key_env=args.api_key_env)
     stop = threading.Event()
-    bar = tqdm(desc=f"generate {args.task}", unit="chain", dynamic_ncols=True)
+    bar = tqdm(desc=f"generate {config.task}", unit="chain", dynamic_ncols=True)
 
     def progress(stats, chain) -> None:
         bar.total = stats.planned
@@ -155,17 +136,19 @@ def _step_limits(text: str) -> list[int]:
     return limits
 
 
+def eval_config(args: argparse.Namespace) -> EvalConfig:
+    """`fcapp eval`'s config: --max-steps may list several limits, the chains run at the largest."""
+    return flags.from_args(EvalConfig, args, max_steps=max(args.max_steps), step_limits=args.max_steps)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from fcapp.evaluate import EvalConfig, evaluate, write_report
+    from fcapp.evaluate import evaluate, write_report
     from fcapp.paths import data_home
 
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
-    config = EvalConfig(args.task, models, split=args.split, limit=args.limit, problems_file=args.problems,
-                        max_steps=max(args.max_steps), seed=args.seed, max_new_tokens=args.max_new_tokens,
-                        step_limits=args.max_steps, strict=args.strict)
-    bar = tqdm(desc=f"eval {args.task}", unit="chain", dynamic_ncols=True, disable=args.json)
+    config = eval_config(args)
+    bar = tqdm(desc=f"eval {config.task}", unit="chain", dynamic_ncols=True, disable=args.json)
 
     def progress(done: int, total: int, model: str) -> None:
         bar.total = total
@@ -180,8 +163,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     for line in result["skipped_rows"]:
         sys.stderr.write(f"skipped {line}\n")
-    if args.problems:
-        _print(f"{args.problems}: {result['n']} problems used, {len(result['skipped_rows'])} malformed rows skipped")
+    if config.problems_file:
+        _print(f"{config.problems_file}: {result['n']} problems used, {len(result['skipped_rows'])} malformed rows skipped")
     for limit, summaries in result["by_step_limit"].items():
         _print(f"\n{result['task']}: n={result['n']} problems, step limit {limit}")
         _print(f"{'model':<20}{'accuracy':>9}{'95% CI':>16}{'valid calls':>12}{'steps':>7}{'tokens':>8}"
@@ -409,21 +392,16 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--question", help="your own problem text")
     p.add_argument("--expected", help="ground truth for --question, to get a verdict")
     p.add_argument("--json", action="store_true", help="print the whole chain record as JSON")
-    _model_args(p)
-    _chain_args(p)
+    p.add_argument("--model", default=EMBEDDED, help=SPEC_HELP)
+    _api_key_arg(p)
+    flags.add_arguments(p, SolveConfig)
     p.set_defaults(func=cmd_solve)
 
     p = sub.add_parser("generate", help="teacher chains: K samples per problem, verified and stored")
-    p.add_argument("--task", required=True)
-    _model_args(p, "--teacher")
-    p.add_argument("--samples", type=int, default=4, help="chains per problem (K)")
-    p.add_argument("--limit", type=int, help="first N problems of the split")
-    p.add_argument("--split", default="train", choices=["train", "heldout", "all"])
-    p.add_argument("--concurrency", type=int, default=1, help="requests in flight (HTTP teachers)")
-    p.add_argument("--reference", action="store_true", help="also store the problems' reference chains")
+    flags.add_arguments(p, GenerateConfig, required=("task",))
+    _api_key_arg(p)
     p.add_argument("--db", help="SQLite database (default: the user data folder)")
-    _chain_args(p)
-    p.set_defaults(func=cmd_generate, temperature=0.8, top_p=0.95)
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("pairs", help="verified chains -> TRL preference file (JSONL or .parquet)")
     p.add_argument("--task")
@@ -436,19 +414,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_pairs)
 
     p = sub.add_parser("eval", help="base vs tuned on the same held-out problems")
-    p.add_argument("--task", required=True)
-    p.add_argument("--models", default="base", help="comma-separated: base (embedded), tuned names, folders, URLs; "
-                                                     f"{QUANTISED} after a local one decodes it with quantised weights")
-    p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
-    p.add_argument("--limit", type=int, default=50)
-    p.add_argument("--problems", help="your own problems: a JSONL file in the task's format")
+    flags.add_arguments(p, EvalConfig, required=("task",))
     p.add_argument("--max-steps", type=_step_limits, default=[10],
                    help="step limit, or several comma-separated (the paper reports 10,20): the chains run at the "
                         "largest and the smaller limits are read off them exactly")
-    p.add_argument("--max-new-tokens", type=int, default=160)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--strict", action="store_true",
-                   help="a malformed row of --problems is an error (default: skipped and reported)")
     p.add_argument("--report", help="HTML report path (default: the data folder's reports/)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--db")

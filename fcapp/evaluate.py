@@ -14,11 +14,13 @@ from __future__ import annotations
 import html
 import math
 import threading
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
-from fcapp.models import get_model
+from fcapp.flags import option
+from fcapp.models import QUANTISED, get_model
 from fcapp.models.base import ChatModel
 from fcapp.models.registry import is_embedded
 from fcapp.solve import SolveConfig, solve
@@ -30,16 +32,18 @@ BATCH = 8  # chains decoded together on a local model
 
 @dataclass
 class EvalConfig:
-    task: str
-    models: list[str]
-    split: str = "heldout"
-    limit: int | None = 50
-    problems_file: str | None = None
-    max_steps: int = 10
-    seed: int = 0
-    max_new_tokens: int = 160
+    task: str = option(dataclasses.MISSING, "the task whose problems are solved")
+    models: list[str] = option(["base"], "comma-separated: base (embedded), tuned names, folders, URLs; "
+                                         f"{QUANTISED} after a local one decodes it with quantised weights")
+    split: Literal["train", "heldout", "all"] = option("heldout", "which problems")
+    limit: int | None = option(50, "first N problems of the split")
+    problems_file: str | None = option(None, "your own problems: a JSONL file in the task's format",
+                                       flag="--problems")
+    max_steps: int = 10  # chains run at the largest step limit
+    seed: int = option(0, "seed given to every chain (evaluation decodes greedily)")
+    max_new_tokens: int = option(160, "tokens per model reply")
     step_limits: list[int] | None = None  # also report these (<= max_steps) limits, derived from the same chains
-    strict: bool = False  # a malformed row of problems_file is an error (default: skipped and reported)
+    strict: bool = option(False, "a malformed row of --problems is an error, not skipped and reported")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:

@@ -11,10 +11,13 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+import dataclasses
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 from fcapp.batching import iter_solve_batch
+from fcapp.flags import option
+from fcapp.models import SPEC_HELP
 from fcapp.models.base import ChatModel
 from fcapp.models.registry import EMBEDDED
 from fcapp.records import Chain
@@ -26,20 +29,22 @@ from fcapp.tasks.base import Problem, Task
 
 @dataclass
 class GenerateConfig:
-    task: str
-    teacher: str = EMBEDDED
-    samples: int = 4
-    limit: int | None = None
-    split: str = "train"
-    temperature: float = 0.8
-    top_p: float = 0.95
-    max_steps: int = 10
-    max_new_tokens: int = 160
-    concurrency: int = 1
-    seed: int = 0
-    reference: bool = False  # also store the problems' reference chains, marked as such
-    batch_size: int | None = None  # local teacher: chains decoded together (None: the K samples of a problem)
-    demo: bool | None = None  # the worked demonstration in the prompt (None: as the teacher's card says)
+    task: str = option(dataclasses.MISSING, "the task whose problems are solved")
+    teacher: str = option(EMBEDDED, f"the model that writes the chains: {SPEC_HELP}")
+    samples: int = option(4, "chains per problem (K)")
+    limit: int | None = option(None, "first N problems of the split")
+    split: Literal["train", "heldout", "all"] = option("train", "which problems (pairs and training sets never take "
+                                                                "held-out ones)")
+    temperature: float = option(0.8, "sampling temperature")
+    top_p: float = option(0.95, "nucleus of the sampling")
+    max_steps: int = option(10, "step limit of a chain")
+    max_new_tokens: int = option(160, "tokens per model reply")
+    concurrency: int = option(1, "requests in flight (HTTP teachers)")
+    seed: int = option(0, "seed of sample 0 (sample k uses seed + k)")
+    reference: bool = option(False, "also store the problems' reference chains, marked as such")
+    batch_size: int | None = option(None, "local teacher: chains decoded together; default: the K samples of a "
+                                          "problem")
+    demo: bool | None = option(None, "the worked demonstration in the prompt; default: as the teacher's card says")
 
     def solve_config(self, sample: int) -> SolveConfig:
         return SolveConfig(max_steps=self.max_steps, temperature=self.temperature, top_p=self.top_p,

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Iterator
 
 from fcapp.agent import Agent, AgentConfig, demonstration
+from fcapp.flags import option
 from fcapp.models.base import ChatModel, Message, SamplingParams
 from fcapp.records import FINAL_ANSWER, Call, Chain, Event, Step
 from fcapp.tasks.base import Problem, Task
@@ -21,12 +22,12 @@ from fcapp.tools.base import render_call
 class SolveConfig:
     """Chain settings. The paper reports step limits of 10 and 20."""
 
-    max_steps: int = 10
-    temperature: float = 0.0
-    top_p: float = 1.0
-    max_new_tokens: int = 160
-    seed: int = 0
-    demo: bool | None = None  # the worked demonstration in the prompt; None: as the model's card says
+    max_steps: int = option(10, "step limit of a chain (the paper uses 10 and 20)")
+    temperature: float = option(0.0, "sampling temperature (0: greedy)")
+    top_p: float = option(1.0, "nucleus of the sampling")
+    max_new_tokens: int = option(160, "tokens per model reply")
+    seed: int = option(0, "seed of the sampling")
+    demo: bool | None = option(None, "the worked demonstration in the prompt; default: as the model's card says")
 
     def agent_config(self) -> AgentConfig:
         return AgentConfig(self.max_steps, sampling=SamplingParams(self.temperature, self.top_p, self.max_new_tokens))

@@ -22,6 +22,12 @@ from typing import Any
 
 from fcapp.models import teachers
 from fcapp.models.base import ChatModel
+from fcapp.models.registry import EMBEDDED, PRECISIONS
+
+QUANTISED = " or ".join(f"'@{precision}'" for precision in PRECISIONS if precision != "fp32")
+SPEC_HELP = (f"'{EMBEDDED}' (embedded), a tuned model name, a local folder, http://HOST:PORT/v1#MODEL, or "
+             f"teacher:NAME (configured in teachers.json in the data folder); a local model followed by {QUANTISED} "
+             "decodes with quantised weights")
 
 
 def get_model(spec: str | None, api_key_env: str | None = None, **kw: Any) -> ChatModel:

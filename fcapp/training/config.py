@@ -17,12 +17,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from fcapp import flags
 from fcapp.paths import models_dir, safe_name
 
 METHODS = ("sft", "dpo", "grpo", "rounds")
@@ -36,15 +35,9 @@ DEFAULT_LR = {("dpo", "lora"): 5e-5, ("dpo", "full"): 5e-6, ("sft", "lora"): 2e-
 TERMINAL = ("finished", "stopped", "failed")
 
 
-def option(default: Any, help: str, methods: tuple[str, ...] = METHODS, flag: str | None = None,
-           **kwargs: Any) -> Any:
-    """A config field with its help text, the methods it applies to, and optionally its CLI flag."""
-    metadata = {"help": help, "methods": methods, "flag": flag}
-    if default is dataclasses.MISSING:
-        return field(metadata=metadata, **kwargs)
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata=metadata, **kwargs)
-    return field(default=default, metadata=metadata, **kwargs)
+def option(default: Any, help: str, methods: tuple[str, ...] = METHODS, flag: str | None = None) -> Any:
+    """A TrainConfig field (see fcapp.flags.option) with the methods it applies to (default: all)."""
+    return flags.option(default, help, flag, methods=methods)
 
 
 @dataclass
@@ -188,45 +181,16 @@ class TrainConfig:
 
 
 # ---- CLI flags from the fields --------------------------------------------------------------------------
-def _argument_type(annotation: Any) -> tuple[Any, dict[str, Any]]:
-    """The argparse `type` (and extra keywords) for a field's annotation."""
-    hint = typing.get_type_hints(TrainConfig)[annotation] if isinstance(annotation, str) else annotation
-    args = [a for a in typing.get_args(hint) if a is not type(None)]
-    if typing.get_origin(hint) in (typing.Union, types.UnionType) and len(args) == 1:
-        hint = args[0]
-    if typing.get_origin(hint) is Literal:
-        return str, {"choices": list(typing.get_args(hint))}
-    if hint is bool:
-        return None, {"action": argparse.BooleanOptionalAction}
-    if typing.get_origin(hint) is list:
-        return lambda text: [part.strip() for part in text.split(",") if part.strip()], {}
-    return hint, {}
-
-
 def add_arguments(parser: argparse.ArgumentParser, methods: tuple[str, ...] = METHODS,
                   skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field that applies to any of `methods` (flag --field-name unless the field
-    names its own); defaults are None so `config_from_args` keeps the dataclass's own defaults."""
-    for f in dataclasses.fields(TrainConfig):
-        if f.name in skip or not set(f.metadata["methods"]) & set(methods):
-            continue
-        kind, extra = _argument_type(f.name)
-        flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-        names = [flag] if flag == "--" + f.name.replace("_", "-") else [flag, "--" + f.name.replace("_", "-")]
-        if f.default is not dataclasses.MISSING:
-            default = f.default
-        else:
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else None  # type: ignore[misc]
-        shown = "" if default in (None, "", []) else f" (default: {default})"
-        kwargs = {"type": kind} if kind is not None else {}
-        parser.add_argument(*names, dest=f.name, default=None, help=f.metadata["help"] + shown, **kwargs, **extra)
+    """One flag per TrainConfig field that applies to any of `methods` (see fcapp.flags)."""
+    names = [f.name for f in dataclasses.fields(TrainConfig) if set(f.metadata["methods"]) & set(methods)]
+    flags.add_arguments(parser, TrainConfig, names, skip)
 
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
     """A TrainConfig from parsed flags (those not given keep the dataclass defaults) and `fixed` values."""
-    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
-             if getattr(args, f.name, None) is not None}
-    return TrainConfig(**(given | fixed))
+    return flags.from_args(TrainConfig, args, **fixed)
 
 
 def defaults(method: str) -> dict[str, Any]:
