@@ -62,6 +62,7 @@ class Job:
 class GenerateStats:
     planned: int = 0
     skipped: int = 0  # already in the store from an earlier run
+    skipped_correct: int = 0  # of those, the ones verified correct
     done: int = 0
     correct: int = 0
     failed: int = 0
@@ -86,22 +87,22 @@ def select_problems(task: Task, split: str, limit: int | None) -> list[Problem]:
     return problems[:limit] if limit else problems
 
 
-def plan(config: GenerateConfig, model_id: str, store: Store) -> tuple[list[Job], int]:
-    """The chains still to generate (and how many are already stored)."""
+def plan(config: GenerateConfig, model_id: str, store: Store) -> tuple[list[Job], list[bool | None]]:
+    """The chains still to generate, and the verdicts of the planned chains already stored."""
     task = get_task(config.task)
     settings = asdict(config.solve_config(0)) | {"seed": config.seed}
     if settings.pop("demo") is False:  # prompted without the demonstration: other chains than the default's
         settings["demo"] = False
-    existing = store.existing_keys(task.name, model_id)
-    jobs, skipped = [], 0
+    existing = store.stored_verdicts(task.name, model_id)
+    jobs, stored = [], []
     for problem in select_problems(task, config.split, config.limit):
         for sample in range(config.samples):
             key = chain_key(task.name, problem.id, model_id, config.seed + sample, settings, sample)
             if key in existing:
-                skipped += 1
+                stored.append(existing[key])
             else:
                 jobs.append(Job(problem, sample, key))
-    return jobs, skipped
+    return jobs, stored
 
 
 def add_references(task: Task, problems: list[Problem], store: Store) -> int:
@@ -126,8 +127,8 @@ def generate(
     task = get_task(config.task)
     problems = select_problems(task, config.split, config.limit)
     store.add_problems(problems)
-    jobs, skipped = plan(config, model.model_id, store)
-    stats = GenerateStats(planned=len(jobs), skipped=skipped)
+    jobs, stored = plan(config, model.model_id, store)
+    stats = GenerateStats(planned=len(jobs), skipped=len(stored), skipped_correct=sum(map(bool, stored)))
     if config.reference:
         stats.references = add_references(task, problems, store)
     stop = stop or threading.Event()

@@ -179,7 +179,8 @@ def start_generation(config: Any, store: Any, load_model: Callable[[str], Any], 
 
             stats = generate(config, store, model, on_chain=on_chain, stop=job.stop_event)
         ended = "stopped" if job.stop_event.is_set() else "finished"
-        note = (f"{ended}: {stats.done} new chains ({stats.correct} correct), {stats.skipped} already stored"
+        note = (f"{ended}: {stats.done} new chains ({stats.correct} correct), {stats.skipped} already stored "
+                f"({stats.skipped_correct} correct)"
                 + (f", {stats.references} reference chains" if stats.references else "")
                 + (f", {stats.failed} failed ({stats.errors[0]})" if stats.failed else "")
                 + ("; every finished chain is stored" if ended == "stopped" else ""))

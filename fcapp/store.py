@@ -331,13 +331,14 @@ class Store:
                                     (task, task)).fetchall()
         return [row[0] for row in rows]
 
-    def existing_keys(self, task: str | None = None, model_id: str | None = None) -> set[str]:
-        """Generation keys already stored: a resumed job loads them once and skips those chains."""
+    def stored_verdicts(self, task: str | None = None, model_id: str | None = None) -> dict[str, bool | None]:
+        """Generation key -> verdict of the chains already stored: a resumed job loads them once, skips those
+        chains and counts the right ones among them."""
         rows = self._conn().execute(
-            "SELECT key FROM chains WHERE (:task IS NULL OR task = :task) AND (:model IS NULL OR model_id = :model)",
+            "SELECT key, verdict FROM chains WHERE (:task IS NULL OR task = :task) AND (:model IS NULL OR model_id = :model)",
             {"task": task, "model": model_id},
         ).fetchall()
-        return {row[0] for row in rows}
+        return {key: None if verdict is None else bool(verdict) for key, verdict in rows}
 
     def get_chain(self, chain_id: int) -> dict[str, Any] | None:
         """Summary fields + `record` (the Chain as stored), `edited_record` (when the current label is

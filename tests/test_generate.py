@@ -32,6 +32,7 @@ def test_generation_stores_verified_chains_and_resumes_without_redoing(small_mod
 
     again = generate(config, store, small_model)
     assert (again.planned, again.skipped, again.done) == (0, 4, 0)
+    assert again.skipped_correct == stats.correct  # a resumed run still says how many of its chains are right
     assert store.counts("gsm8k")["chains"] == 6
 
 

@@ -37,14 +37,14 @@ def test_a_generation_resumed_under_any_name_of_the_embedded_model_redoes_no_cha
     config = GenerateConfig("gsm8k", samples=2, limit=1, temperature=0.9, max_steps=1, max_new_tokens=12)
     first = generate(config, store, small_model)
     assert (first.planned, first.done, first.failed) == (2, 2, 0)
-    keys = store.existing_keys()
+    keys = store.stored_verdicts()
     for name in ALL_NAMES:
         model = LocalModel(name)
         again = generate(config, store, model)
         assert (model.model_id, again.planned, again.skipped, again.done) == (EMBEDDED, 0, 2, 0), name
         del model
         gc.collect()
-    assert store.existing_keys() == keys
+    assert store.stored_verdicts() == keys
 
 
 def _run_folder(name: str, card: dict | None, model: bool = True) -> Path:

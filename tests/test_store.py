@@ -103,8 +103,8 @@ def test_add_chain_is_idempotent_on_the_generation_key(store: Store) -> None:
     other_sample = store.add_chain(chain, verdict=True, sample=1)
     other_seed = store.add_chain(make_chain(seed=1), verdict=True)
     assert len({first, other_sample, other_seed}) == 3
-    assert key in store.existing_keys(task="gsm8k", model_id="teacher")
-    assert len(store.existing_keys()) == 3 and store.existing_keys(task="folio") == set()
+    assert store.stored_verdicts(task="gsm8k", model_id="teacher")[key] is True
+    assert len(store.stored_verdicts()) == 3 and store.stored_verdicts(task="folio") == {}
     assert store.add_chain(chain, verdict=None, key="custom") not in (first, other_sample, other_seed)
 
 

@@ -113,7 +113,7 @@ def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path:
         path = str(target / "model")
         model = load_round_model(config, path, k)
         last = {"round": k, "model": path, "sampled": generated.done + generated.skipped,
-                "sampled_correct": generated.correct, "train_rows": trained,
+                "sampled_correct": generated.correct + generated.skipped_correct, "train_rows": trained,
                 **evaluate_round(config, store, model, k)}
         folder.log({"stage": "round", "step": k, "max_steps": config.rounds, **last})
     finished = max([r for r in range(1, config.rounds + 1) if (folder.out / f"round-{r}" / "model").exists()],
