@@ -164,7 +164,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     for line in result["skipped_rows"]:
         sys.stderr.write(f"skipped {line}\n")
     if config.problems_file:
-        _print(f"{config.problems_file}: {result['n']} problems used, {len(result['skipped_rows'])} malformed rows skipped")
+        _print(f"{config.problems_file}: {result['n']} problems used, "
+               f"{len(result['skipped_rows'])} malformed rows skipped")
     for limit, summaries in result["by_step_limit"].items():
         _print(f"\n{result['task']}: n={result['n']} problems, step limit {limit}")
         _print(f"{'model':<20}{'accuracy':>9}{'95% CI':>16}{'valid calls':>12}{'steps':>7}{'tokens':>8}"

@@ -11,10 +11,10 @@ limit L a chain is the same when it ended within L steps, and unanswered otherwi
 
 from __future__ import annotations
 
+import dataclasses
 import html
 import math
 import threading
-import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Literal

@@ -8,10 +8,10 @@ and redoes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-import dataclasses
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Iterator, Literal
 

@@ -335,7 +335,8 @@ class Store:
         """Generation key -> verdict of the chains already stored: a resumed job loads them once, skips those
         chains and counts the right ones among them."""
         rows = self._conn().execute(
-            "SELECT key, verdict FROM chains WHERE (:task IS NULL OR task = :task) AND (:model IS NULL OR model_id = :model)",
+            "SELECT key, verdict FROM chains "
+            "WHERE (:task IS NULL OR task = :task) AND (:model IS NULL OR model_id = :model)",
             {"task": task, "model": model_id},
         ).fetchall()
         return {key: None if verdict is None else bool(verdict) for key, verdict in rows}
