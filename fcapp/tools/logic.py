@@ -453,36 +453,6 @@ def _signature(name: str, arity: int) -> str:
     return f"{name}({', '.join('xyzuvw'[i % 6] for i in range(arity))})" if arity else name
 
 
-def vocabulary(premises: list[Formula]) -> str:
-    """The predicates (with their arity) and constants the premises use, as the `symbols` tool shows them."""
-    preds = sorted({p for f in premises for p in predicates(f)})
-    names = sorted({c for f in premises for c in constants(f)})
-    return (f"Predicates: {', '.join(_signature(n, a) for n, a in preds) or 'none'}\n"
-            f"Constants: {', '.join(names) or 'none'}")
-
-
-def unknown_names(premises: list[Formula], conclusion: Formula) -> list[str]:
-    """The conclusion's predicates (by name and arity) and constants that no premise uses."""
-    known_preds = {p for f in premises for p in predicates(f)}
-    known_constants = {c for f in premises for c in constants(f)}
-    return ([_signature(n, a) for n, a in sorted(predicates(conclusion) - known_preds)]
-            + sorted(constants(conclusion) - known_constants))
-
-
-def check_against(premises: list[str], conclusion: str, timeout_ms: int = DEFAULT_TIMEOUT_MS) -> str:
-    """The `check` tool: the verdict of `decide`, and when the conclusion uses a name the premises lack, a note
-    that says which and lists the premises' own names. The premises say nothing about such a name, so a
-    conclusion written with it is almost always a mistranslation the model can mend with the listed names."""
-    parsed = _parse_all(premises, "premise")
-    formula = parse(conclusion)
-    verdict = decide_parsed(parsed, formula, timeout_ms)
-    unknown = unknown_names(parsed, formula)
-    if not unknown:
-        return verdict
-    return (f"{verdict}\nNote: the premises never use {', '.join(unknown)}, so they say nothing about "
-            f"{'it' if len(unknown) == 1 else 'them'}. Their names:\n{vocabulary(parsed)}")
-
-
 def logic_toolkit(premises: list[str], timeout_ms: int = DEFAULT_TIMEOUT_MS) -> Registry:
     """Tools bound to one problem's FOL premises. Schemas and examples are the same for every
     problem, so prompts differ only in the question."""
@@ -495,7 +465,10 @@ def logic_toolkit(premises: list[str], timeout_ms: int = DEFAULT_TIMEOUT_MS) -> 
 
     def symbols() -> str:
         """List the predicates and constants the premises use (write new formulas with these names)."""
-        return vocabulary(parsed)
+        preds = sorted({p for f in parsed for p in predicates(f)})
+        names = sorted({c for f in parsed for c in constants(f)})
+        return (f"Predicates: {', '.join(_signature(n, a) for n, a in preds) or 'none'}\n"
+                f"Constants: {', '.join(names) or 'none'}")
 
     def facts_about(entity: str) -> str:
         """List the premises that mention one individual (a constant such as tom).
@@ -517,12 +490,12 @@ def logic_toolkit(premises: list[str], timeout_ms: int = DEFAULT_TIMEOUT_MS) -> 
             conclusion: a first-order logic formula, e.g. Furry(tom) or ∀x (Cat(x) → Furry(x));
                 ASCII forall, exists, ~, &, |, ->, <-> also work
         """
-        raise AssertionError("only the schema of check is used; check_against() runs in a tool worker")
+        raise AssertionError("only the schema of check is used; decide() runs in a tool worker")
 
     # z3 runs in a tool worker: its memory is capped there, and its one context is reused call after call
     checker = tool_from_function(check, examples=[{"conclusion": "Furry(tom)"}, {"conclusion": "¬Happy(anna)"}],
                                  timeout_s=3 * timeout_ms / 1000 + 1, isolated=True)
-    checker.fn = functools.partial(check_against, premises=list(premises), timeout_ms=timeout_ms)
+    checker.fn = functools.partial(decide, premises=list(premises), timeout_ms=timeout_ms)
     return Registry([
         tool_from_function(list_premises, examples=[{}]),
         tool_from_function(symbols, examples=[{}]),
