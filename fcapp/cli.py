@@ -18,6 +18,7 @@ from fcapp.models import QUANTISED, SPEC_HELP
 from fcapp.models.registry import EMBEDDED
 from fcapp.records import Event, stop_words
 from fcapp.solve import SolveConfig
+from fcapp.tasks import task_names
 
 
 def _print(text: str = "", end: str = "\n") -> None:
@@ -278,7 +279,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from fcapp.pipeline import overview, render
-    from fcapp.tasks import task_names
 
     store = _store(args)
     facts = [overview(store, task) for task in ([args.task] if args.task else task_names())]
@@ -387,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("solve", help="solve one problem, streaming the chain step by step")
-    p.add_argument("--task", required=True, help="gsm8k, fol or folio")
+    p.add_argument("--task", required=True, help=f"one of {', '.join(task_names())}")
     group = p.add_mutually_exclusive_group(required=True)
     group.add_argument("--problem-id", help="a problem id or its index in the task (e.g. 0)")
     group.add_argument("--question", help="your own problem text")
