@@ -110,3 +110,23 @@ def test_decoding_on_two_threads_gives_the_same_chains_as_on_one():
         model = LocalModel(threads=threads)
         chains[threads] = [record(solve(task, p, model, GREEDY)) for p in problems]
     assert chains[1] == chains[2]
+
+
+def test_a_stream_resumed_on_a_new_thread_at_every_token_gives_the_same_reply(small_model):
+    """Gradio resumes a streaming generator on whichever pool thread is free: each decode step must run under
+    inference mode on its own thread (a mode entered once around the yields stays on the first thread, and
+    the KV cache's in-place updates then fail on the next)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    messages: list[Message] = [{"role": "user", "content": "Name three colours."}]
+    params = SamplingParams(max_new_tokens=10)
+    expected = "".join(chunk.text for chunk in small_model.stream(messages, params=params))
+    stream = small_model.stream(messages, params=params)
+    pieces = []
+    while True:
+        with ThreadPoolExecutor(1) as pool:  # a new thread for every token
+            chunk = pool.submit(next, stream, None).result()
+        if chunk is None:
+            break
+        pieces.append(chunk.text)
+    assert "".join(pieces) == expected and len(pieces) > 3

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, TypeVar
 
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
@@ -23,6 +23,8 @@ from fcapp.models.base import Chunk, Completion, Message, ModelError, Request, S
 from fcapp.models.cpu import ThreadChooser, lay_out_for_decode, quantise_for_decode
 from fcapp.models.kv_cache import KVState, common_prefix
 from fcapp.models.registry import model_id, resolve_model_path, split_precision
+
+T = TypeVar("T")
 
 
 def default_device() -> str:
@@ -340,9 +342,9 @@ class LocalModel:
             raise ValueError("stream_batch needs one SamplingParams per conversation")
         if not conversations:
             return
-        with self.lock, torch.inference_mode():
+        with self.lock:
             prompts = [self.encode(messages) for messages in conversations]
-            for rows in self._decode(prompts, params, stop_when):
+            for rows in _each_step_in_inference_mode(self._decode(prompts, params, stop_when)):
                 yield [Chunk(row.delta, row.prompt_tokens, len(row.generated), row.done) for row in rows]
 
     def generate_batch(self, conversations: list[list[Message]], params: list[SamplingParams],
@@ -371,7 +373,7 @@ class LocalModel:
         Stop rules (stop_when gets the slot) and per-row seeding as in `generate_batch`. Yields after
         every token so the caller can act between steps; closing the iterator stops at once; ends
         when every slot is empty."""
-        with self.lock, torch.inference_mode():
+        with self.lock:
             first: list[Request] = []
             while len(first) < slots and (request := requests(len(first), None)) is not None:
                 first.append(request)
@@ -383,8 +385,26 @@ class LocalModel:
                 return None if request is None else (self.encode(request[0]), request[1])
 
             prompts = [self.encode(messages) for messages, _ in first]
-            for _ in self._decode(prompts, [params for _, params in first], stop_when, refill):
+            for _ in _each_step_in_inference_mode(self._decode(prompts, [params for _, params in first], stop_when,
+                                                               refill)):
                 yield
+
+
+def _each_step_in_inference_mode(steps: Iterator[T]) -> Iterator[T]:
+    """Run each step of a decode generator under inference mode. A `with torch.inference_mode()` around a
+    `yield` would not do: a streaming caller (Gradio) resumes the generator on whichever pool thread is free,
+    where the mode is off, and the KV cache's in-place updates then fail ("Inplace update to inference
+    tensor outside InferenceMode")."""
+    try:
+        while True:
+            with torch.inference_mode():
+                try:
+                    step = next(steps)
+                except StopIteration:
+                    return
+            yield step
+    finally:
+        steps.close()
 
 
 def load_model(spec: str | None = None, **kwargs) -> "LocalModel":
