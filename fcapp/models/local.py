@@ -11,10 +11,11 @@ buffers written in place, top-p sampling without a full sort, intra-op threads p
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import torch
 from transformers.cache_utils import get_layer_types_and_kwargs
@@ -25,6 +26,29 @@ from fcapp.models.kv_cache import KVState, common_prefix
 from fcapp.models.registry import model_id, resolve_model_path, split_precision
 
 T = TypeVar("T")
+
+
+def _steps_in_inference_mode(decode: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
+    """Run each step of a decode generator under inference mode. A `with torch.inference_mode()` around its
+    yields would not do: a streaming caller (Gradio) resumes the generator on whichever pool thread is free,
+    where the mode is off, and the KV cache's in-place updates then fail ("Inplace update to inference
+    tensor outside InferenceMode")."""
+
+    @functools.wraps(decode)
+    def each_step(*args: Any, **kwargs: Any) -> Iterator[T]:
+        steps = decode(*args, **kwargs)
+        try:
+            while True:
+                with torch.inference_mode():
+                    try:
+                        step = next(steps)
+                    except StopIteration:
+                        return
+                yield step
+        finally:
+            steps.close()
+
+    return each_step
 
 
 def default_device() -> str:
@@ -215,6 +239,7 @@ class LocalModel:
         keep = torch.cumsum(top, dim=-1) - top < params.top_p
         return int(order[keep][_draw(top[keep], generator)])
 
+    @_steps_in_inference_mode
     def _decode(self, prompts: list[list[int]], params: list[SamplingParams],
                 stop_when: Callable[[int, str], bool] | None, refill: Refill | None = None) -> Iterator[list[_Row]]:
         """Decode all rows together, yielding them after every token (each row's `delta` is its new
@@ -344,7 +369,7 @@ class LocalModel:
             return
         with self.lock:
             prompts = [self.encode(messages) for messages in conversations]
-            for rows in _each_step_in_inference_mode(self._decode(prompts, params, stop_when)):
+            for rows in self._decode(prompts, params, stop_when):
                 yield [Chunk(row.delta, row.prompt_tokens, len(row.generated), row.done) for row in rows]
 
     def generate_batch(self, conversations: list[list[Message]], params: list[SamplingParams],
@@ -357,7 +382,7 @@ class LocalModel:
             raise ValueError("generate_batch needs one SamplingParams per conversation")
         if not conversations:
             return []
-        with self.lock, torch.inference_mode():
+        with self.lock:
             prompts = [self.encode(messages) for messages in conversations]
             *_, rows = self._decode(prompts, params, stop_when)
         return [row.completion() for row in rows]
@@ -385,26 +410,8 @@ class LocalModel:
                 return None if request is None else (self.encode(request[0]), request[1])
 
             prompts = [self.encode(messages) for messages, _ in first]
-            for _ in _each_step_in_inference_mode(self._decode(prompts, [params for _, params in first], stop_when,
-                                                               refill)):
+            for _ in self._decode(prompts, [params for _, params in first], stop_when, refill):
                 yield
-
-
-def _each_step_in_inference_mode(steps: Iterator[T]) -> Iterator[T]:
-    """Run each step of a decode generator under inference mode. A `with torch.inference_mode()` around a
-    `yield` would not do: a streaming caller (Gradio) resumes the generator on whichever pool thread is free,
-    where the mode is off, and the KV cache's in-place updates then fail ("Inplace update to inference
-    tensor outside InferenceMode")."""
-    try:
-        while True:
-            with torch.inference_mode():
-                try:
-                    step = next(steps)
-                except StopIteration:
-                    return
-            yield step
-    finally:
-        steps.close()
 
 
 def load_model(spec: str | None = None, **kwargs) -> "LocalModel":
