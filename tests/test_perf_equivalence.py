@@ -1,12 +1,16 @@
 """The speed-ups change no result: with greedy decoding (and with seeded sampling) a chain is the same
 with the prefix cache on or off, and solved in a continuous batch (rows of different lengths, padded,
-each going on with its next prompt or the next job the moment its reply ends) or alone.
+each going on with its next prompt or the next job the moment its reply ends) or alone, and decoded by the
+hand-written one-token pass or by transformers' forward (those two agree to the bit).
 
 Logits are not bit-identical between these paths: MKL's fp32 matmul sums in an order that depends on
 how many rows it multiplies (a batch of 8, a prompt of 500 tokens, or one token), so values differ in
 the last bits. The chains, what the speed-ups must preserve, are identical."""
 
 from __future__ import annotations
+
+import pytest
+import torch
 
 from fcapp.batching import solve_batch
 from fcapp.models.base import Completion, Message, SamplingParams
@@ -130,3 +134,41 @@ def test_a_stream_resumed_on_a_new_thread_at_every_token_gives_the_same_reply(sm
             break
         pieces.append(chunk.text)
     assert "".join(pieces) == expected and len(pieces) > 3
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_hand_written_decode_pass_gives_the_logits_of_transformers_forward_to_the_bit(small_model, precision):
+    """One row (no mask) and three rows of different lengths (masked holes), two decode passes each: the
+    pass of `llama_step` and transformers' own forward give identical logits and identical caches (with
+    int4, q/k/v and gate/up quantised together, one matmul in the hand-written pass, three and two in
+    transformers')."""
+    from fcapp.models.kv_cache import KVState
+    from fcapp.models.local import LocalModel
+
+    model = small_model if precision == "fp32" else LocalModel(f"smollm2@{precision}")
+    prompts = [model.encode([{"role": "user", "content": text}]) for text in ("Add 2 and 3.", "Hi", "Name a prime.")]
+    for batch in (prompts[:1], prompts):
+        states = {}
+        for hand_written in (True, False):
+            state = KVState(len(model.model.model.layers), rows=len(batch))
+            with torch.inference_mode():
+                state.feed(model.model, batch, model.pad_id)
+                nexts = [[11], [12], [13]][:len(batch)]
+                first = state.feed(model.model, nexts, model.pad_id, hand_written)
+                second = state.feed(model.model, [[t] for t in first.argmax(-1).tolist()], model.pad_id, hand_written)
+            states[hand_written] = (first, second, state)
+        (first, second, mine), (their_first, their_second, theirs) = states[True], states[False]
+        assert torch.equal(first, their_first) and torch.equal(second, their_second)
+        assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+                   for a, b in zip(mine.cache.layers, theirs.cache.layers))
+
+
+def test_the_hand_written_decode_pass_changes_no_chain(small_model):
+    task = get_task("gsm8k")
+    problems = [task.get("gsm8k-1"), task.get("gsm8k-6")]
+    small_model.hand_written_decode = False
+    try:
+        theirs = [record(solve(task, p, small_model, GREEDY)) for p in problems]
+    finally:
+        small_model.hand_written_decode = True
+    assert [record(solve(task, p, small_model, GREEDY)) for p in problems] == theirs

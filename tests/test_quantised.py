@@ -90,3 +90,14 @@ def test_quantised_decoding_mostly_picks_the_fp32_next_token(small_model, precis
                 total += 1
                 logits = quantised._state.feed(quantised.model, [[token]], quantised.pad_id)
     assert agreed / total >= AGREEMENT, f"{precision}: {agreed}/{total} next tokens agree with fp32"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weights_quantised_together_give_each_linear_its_own_product(bits: int) -> None:
+    """q/k/v (or gate/up) quantised as one weight: the columns of one product equal each weight
+    quantised alone, to the bit, so the hand-written decode pass may run one matmul for them."""
+    torch.manual_seed(0)
+    parts, x = [torch.randn(64, 96), torch.randn(32, 96)], torch.randn(2, 96)
+    joined = QuantisedWeight(torch.cat(parts), bits).matmul(x)
+    assert torch.equal(joined[:, :64], QuantisedWeight(parts[0], bits).matmul(x))
+    assert torch.equal(joined[:, 64:], QuantisedWeight(parts[1], bits).matmul(x))

@@ -93,15 +93,39 @@ class QuantisedWeight:
 
 def quantise_for_decode(model: torch.nn.Module, precision: str) -> None:
     """Give every Linear of `model` (the output head included) a `QuantisedWeight` of `precision`
-    ('int8' or 'int4') for decoding passes. Linears whose input width is no multiple of the int4
-    group stay fp32. With int4 the output head is int8, as in the GGUF (Q8_0): its weight is the
-    token embedding, whose values 4 bits would round. The fp32 weights stay as they are."""
+    ('int8' or 'int4') for decoding passes. Linears that read the same input (a layer's q/k/v, its
+    gate/up) are quantised as one weight, rows stacked, each Linear taking its `decode_columns` of the
+    product: the hand-written decode pass (fcapp.models.llama_step) then runs one matmul for them,
+    with the same logits (each row is quantised as it would be alone). A Linear called on its own, in
+    a pass of two to MOST_ROWS new tokens, computes its group's whole product and keeps its columns.
+    Linears whose input width is no multiple of the int4 group stay fp32. With int4 the output head is
+    int8, as in the GGUF (Q8_0): its weight is the token embedding, whose values 4 bits would round.
+    The fp32 weights stay as they are."""
     bits = {"int8": 8, "int4": 4}[precision]
     head = model.get_output_embeddings()
+    for group in _same_input_groups(model):
+        if group[0].in_features % GROUP:
+            continue
+        weight = QuantisedWeight(torch.cat([linear.weight for linear in group]), 8 if head in group else bits)
+        start = 0
+        for linear in group:
+            linear.decode_weight, linear.decode_columns = weight, slice(start, start + linear.out_features)
+            linear.forward = types.MethodType(_quantised_forward, linear)
+            start += linear.out_features
+
+
+def _same_input_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
+    """`model`'s Linears, those of a layer that read the same input together: an attention's q/k/v
+    projections and an MLP's gate/up (Llama's names); every other Linear alone."""
+    grouped: list[list[torch.nn.Linear]] = []
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.in_features % GROUP == 0:
-            module.decode_weight = QuantisedWeight(module.weight, 8 if module is head else bits)
-            module.forward = types.MethodType(_quantised_forward, module)
+        for names in (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")):
+            linears = [getattr(module, name, None) for name in names]
+            if all(isinstance(linear, torch.nn.Linear) for linear in linears):
+                grouped.append(linears)
+    inside = {id(linear) for group in grouped for linear in group}
+    alone = [[module] for module in model.modules() if isinstance(module, torch.nn.Linear) and id(module) not in inside]
+    return grouped + alone
 
 
 def _quantised_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
@@ -110,24 +134,25 @@ def _quantised_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     rows = x.numel() // x.shape[-1]
     if rows > MOST_ROWS:
         return _few_rows_forward(self, x)
-    out = self.decode_weight.matmul(x.reshape(rows, self.in_features))
+    out = self.decode_weight.matmul(x.reshape(rows, self.in_features))[:, self.decode_columns]
     if self.bias is not None:
         out = out + self.bias
-    return out.view(*x.shape[:-1], self.out_features)
+    return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def decode_bytes(model: torch.nn.Module) -> int:
     """Bytes of weights one decoding pass reads: each Linear's quantised copy where it has one, else
     its fp32 weight, plus every other parameter (norms; the embedding rows read are negligible, so
-    a tied embedding counts once, as the output head)."""
+    a tied embedding counts once, as the output head). A weight quantised for a group counts once."""
     total, seen = 0, set()
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             continue
         for parameter in module.parameters(recurse=False):
-            if id(parameter) not in seen:
-                seen.add(id(parameter))
-                quantised = getattr(module, "decode_weight", None) if parameter is getattr(module, "weight", None) else None
+            quantised = getattr(module, "decode_weight", None) if parameter is getattr(module, "weight", None) else None
+            counted = quantised if quantised is not None else parameter
+            if id(counted) not in seen:
+                seen.add(id(counted))
                 total += quantised.nbytes if quantised is not None else parameter.numel() * parameter.element_size()
     return total
 

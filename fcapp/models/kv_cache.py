@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from fcapp.models import llama_step
+
 
 class _GrowingLayer(DynamicLayer):
     """One layer's keys and values in a buffer with room to spare. Appending a token writes in place
@@ -206,9 +208,11 @@ class KVState:
             layer.join([(state.cache.layers[i], len(state.tokens)) for state in states], width)
         return joined
 
-    def feed(self, model: torch.nn.Module, suffixes: list[list[int]], pad_id: int) -> torch.Tensor:
+    def feed(self, model: torch.nn.Module, suffixes: list[list[int]], pad_id: int,
+             hand_written: bool = True) -> torch.Tensor:
         """Append each row's new tokens (right-aligned; shorter rows get masked pads first) and return
-        the logits after each row's last token, [rows, vocab]."""
+        the logits after each row's last token, [rows, vocab]. A pass of one token per row runs
+        `llama_step.decode_pass` where it supports the model, unless `hand_written` is off."""
         rows, start = len(suffixes), self.width
         new = max(len(s) for s in suffixes)
         device = model.device
@@ -231,8 +235,11 @@ class KVState:
             own = columns[None, :] == query[:, None]  # a pad sees itself: no all-masked row, no NaN
             mask = ((valid[:, None, None, :] & causal) | own).to(device)
         try:
-            out = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
-                        cache=self.cache, use_cache=True, logits_to_keep=1)
+            if new == 1 and hand_written and llama_step.supports(model):
+                logits = llama_step.decode_pass(model, ids.to(device), positions.to(device), mask, self.cache)
+            else:
+                logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
+                               cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         except BaseException:
             self.__init__(self.n_layers)  # a half-updated cache is worthless: start clean
             raise
@@ -240,7 +247,7 @@ class KVState:
             self.tokens[row].extend(suffix)
             self.where[row].extend(range(start + new - len(suffix), start + new))
         self.valid = valid
-        return out.logits[:, -1]
+        return logits
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:

@@ -6,7 +6,8 @@ samples of the same problem and problems of the same task reuse their shared pro
 of re-encoding it, `generate_batch` decodes several conversations in one batch, and
 `generate_continuous` keeps a batch busy, a row taking its next prompt the moment its reply ends.
 Measured choices (benchmarks/results.md): fp32 with weights laid out for one-token matmuls, KV
-buffers written in place, top-p sampling without a full sort, intra-op threads picked by measurement.
+buffers written in place, one-token passes of Llama models written out by hand (`llama_step`), top-p
+sampling without a full sort, intra-op threads picked by measurement.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class LocalModel:
             raise ModelError(f"{name!r}: only full-attention decoder models are supported locally, not {set(layer_types)}")
         self._layers = len(layer_types)
         self.prefix_cache = prefix_cache
+        self.hand_written_decode = True  # one-token passes by fcapp.models.llama_step where it fits
         self.threads = threads
         auto = threads is None and self.device == "cpu"
         self._choosers = {kind: ThreadChooser(torch.get_num_threads()) for kind in ("prefill", "decode")} if auto else {}
@@ -199,14 +201,15 @@ class LocalModel:
             row, n = state.match(prompts[0][:shared])
             if shared - n >= 16:
                 state = state.keep([row], [n])
-                state.feed(self.model, [prompts[0][n:shared]], self.pad_id)
+                state.feed(self.model, [prompts[0][n:shared]], self.pad_id, self.hand_written_decode)
                 encoded += shared - n
         matches = [state.match(p[:-1]) for p in prompts]
         self._state = state = state.keep([row for row, _ in matches], [n for _, n in matches])
         encoded += sum(len(p) - n for p, (_, n) in zip(prompts, matches))
         self.stats.prompt_tokens += sum(map(len, prompts))
         self.stats.encoded_tokens += encoded
-        return state.feed(self.model, [p[n:] for p, (_, n) in zip(prompts, matches)], self.pad_id)
+        return state.feed(self.model, [p[n:] for p, (_, n) in zip(prompts, matches)], self.pad_id,
+                          self.hand_written_decode)
 
     def _threads(self, kind: str) -> int:
         """Set torch's intra-op threads for the next `kind` ('prefill' or 'decode') pass; the count."""
@@ -289,8 +292,8 @@ class LocalModel:
     def _step(self, feed: list[list[int]]) -> torch.Tensor:
         """One decode pass: each cache row's next token (or nothing: a masked pad); logits per row."""
         threads = self._threads("decode")
-        logits, seconds = self._timed("decode", threads, lambda: self._state.feed(self.model, feed, self.pad_id),
-                                      lambda: 1)
+        logits, seconds = self._timed(
+            "decode", threads, lambda: self._state.feed(self.model, feed, self.pad_id, self.hand_written_decode), lambda: 1)
         self.stats.decode_steps += 1
         self.stats.decode_s += seconds
         return logits
@@ -303,7 +306,8 @@ class LocalModel:
         state = self._state
         matches = [state.match(p[:-1]) if self.prefix_cache else (0, 0) for p in prompts]
         added = state.rows([row for row, _ in matches], [n for _, n in matches])
-        logits = added.feed(self.model, [p[n:] for p, (_, n) in zip(prompts, matches)], self.pad_id)
+        logits = added.feed(self.model, [p[n:] for p, (_, n) in zip(prompts, matches)], self.pad_id,
+                            self.hand_written_decode)
         self.stats.prompt_tokens += sum(map(len, prompts))
         self.stats.encoded_tokens += sum(len(p) - n for p, (_, n) in zip(prompts, matches))
         state.put(targets, added)
