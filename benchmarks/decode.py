@@ -95,7 +95,8 @@ def bare_decode(model: LocalModel, ids: list[int], n: int, mode: Callable = torc
         logits = model._prefill([ids])
         middle = time.perf_counter()
         for _ in range(n - 1):
-            logits = model._state.feed(model.model, [[int(logits[0].argmax())]], model.pad_id)
+            logits = model._state.feed(model.model, [[int(logits[0].argmax())]], model.pad_id,
+                                       model.hand_written_decode)
         return middle - began, time.perf_counter() - middle
 
 
@@ -118,7 +119,8 @@ def batch_step(model: LocalModel, ids: list[int], rows: int = 8) -> float:
         times = []
         for _ in range(6):
             began = time.perf_counter()
-            logits = model._state.feed(model.model, [[t] for t in logits.argmax(-1).tolist()], model.pad_id)
+            logits = model._state.feed(model.model, [[t] for t in logits.argmax(-1).tolist()], model.pad_id,
+                                       model.hand_written_decode)
             times.append(time.perf_counter() - began)
     return min(times)
 
@@ -161,6 +163,15 @@ def plain_layout(model: LocalModel) -> Iterator[None]:
 def with_plain_layout(model: LocalModel, run: Callable[[], float]) -> float:
     with plain_layout(model):
         return run()
+
+
+def with_transformers_forward(model: LocalModel, run: Callable[[], float]) -> float:
+    """`run` with every pass through transformers' forward instead of the hand-written decode pass."""
+    model.hand_written_decode = False
+    try:
+        return run()
+    finally:
+        model.hand_written_decode = True
 
 
 # ---- chains ------------------------------------------------------------------------------------------
@@ -257,6 +268,10 @@ def run(llama: Path | None = None) -> tuple[dict[str, str], list[Row]]:
         ours, plain_rows = paired(lambda: decode_seconds(model, ids), lambda: with_plain_layout(model, lambda: decode_seconds(model, ids)))
         rows.append(Row("weights laid out [in, out] vs [out, in] (fp32 decode)",
                         f"{DECODE / ours:.1f} vs {DECODE / plain_rows:.1f} tok/s", f"{plain_rows / ours:.2f}x"))
+        mine, theirs = paired(lambda: decode_seconds(model, ids),
+                              lambda: with_transformers_forward(model, lambda: decode_seconds(model, ids)))
+        rows.append(Row("hand-written decode pass vs transformers' forward (fp32 decode, the same logits)",
+                        f"{DECODE / mine:.1f} vs {DECODE / theirs:.1f} tok/s", f"{theirs / mine:.2f}x"))
         inference, no_grad = paired(lambda: decode_seconds(model, ids), lambda: decode_seconds(model, ids, torch.no_grad))
         rows.append(Row("inference_mode vs no_grad (decode)", f"{DECODE / inference:.1f} vs {DECODE / no_grad:.1f} tok/s",
                         f"{no_grad / inference:.2f}x"))

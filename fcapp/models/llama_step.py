@@ -10,6 +10,9 @@ operations in the same order, so in fp32 its logits are transformers' to the bit
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache
@@ -22,27 +25,52 @@ def supports(model: torch.nn.Module) -> bool:
             and getattr(config, "pretraining_tp", 1) == 1)
 
 
+@dataclass
+class _Layer:
+    """What one decoder layer's pass reads, gathered once per model (attribute lookups through
+    nn.Module cost microseconds each, dozens a layer a token)."""
+
+    input_norm: torch.nn.Module
+    qkv: list[torch.nn.Linear]
+    o_proj: torch.nn.Linear
+    post_norm: torch.nn.Module
+    gate_up: list[torch.nn.Linear]
+    down_proj: torch.nn.Linear
+    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+
+
+def _layers_of(model: LlamaForCausalLM) -> list[_Layer]:
+    """`model`'s layers as `_Layer`s, gathered at its first decode pass (after any quantisation)."""
+    layers = model.__dict__.get("_decode_layers")
+    if layers is None:
+        layers = [_Layer(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                         layer.self_attn.o_proj, layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj],
+                         layer.mlp.down_proj, layer.mlp.act_fn, layer.self_attn.scaling)
+                  for layer in model.model.layers]
+        model.__dict__["_decode_layers"] = layers
+    return layers
+
+
 def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LlamaRMSNorm's forward."""
-    x32 = x.to(torch.float32)
-    variance = x32.pow(2).mean(-1, keepdim=True)
-    return module.weight * (x32 * torch.rsqrt(variance + module.variance_epsilon)).to(x.dtype)
+    """LlamaRMSNorm's forward (torch's rms_norm runs its ops, to the bit, in one call)."""
+    return torch.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
 
 
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding of x [rows, heads, 1, head_dim] (apply_rotary_pos_emb)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), dim=-1) * sin
-
-
-def _inputs_of(linears: list[torch.nn.Linear], x: torch.Tensor) -> list[torch.Tensor]:
-    """Each Linear of `linears` applied to x: one matmul when they were quantised together."""
+def _projected(linears: list[torch.nn.Linear], x: torch.Tensor) -> torch.Tensor:
+    """The outputs of `linears` on x side by side, [..., sum of their widths]: one matmul when they
+    were quantised together (`quantise_for_decode`), else each Linear's, concatenated."""
     weight = getattr(linears[0], "decode_weight", None)
     if weight is None or any(getattr(linear, "decode_weight", None) is not weight for linear in linears):
-        return [linear(x) for linear in linears]
-    rows = x.numel() // x.shape[-1]
-    out = weight.matmul(x.reshape(rows, x.shape[-1]))
-    return [out[:, linear.decode_columns].view(*x.shape[:-1], -1) for linear in linears]
+        return torch.cat([linear(x) for linear in linears], dim=-1)
+    return weight.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """apply_rotary_pos_emb on x [rows, heads, 1, head_dim]: x * cos + rotate_half(x) * sin, with
+    rotate_half(x) * sin written as x's halves swapped times sin with its first half negated (the same
+    products, to the bit: sin's two halves are equal, and -a * b is a * -b)."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
 def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
@@ -50,28 +78,24 @@ def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Ten
     """The logits [rows, vocab] after one new token per row. ids, positions: [rows, 1]; mask: None (one
     row, every column real) or boolean [rows, 1, 1, columns], True where the row may attend (the cache's
     columns and the new one); `cache`'s layers get each row's new keys and values."""
-    inner, config = model.model, model.config
+    config = model.config
     rows = ids.shape[0]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
-    x = inner.embed_tokens(ids)
-    cos, sin = inner.rotary_emb(x, positions)
+    x = model.model.embed_tokens(ids)
+    cos, sin = model.model.rotary_emb(x, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-    for index, layer in enumerate(inner.layers):
-        attention = layer.self_attn
-        h = _norm(layer.input_layernorm, x)
-        q, k, v = (t.view(rows, 1, -1, head_dim).transpose(1, 2)
-                   for t in _inputs_of([attention.q_proj, attention.k_proj, attention.v_proj], h))
-        q, k = _rotated(q, cos, sin), _rotated(k, cos, sin)
-        k, v = cache.update(k, v, index)
+    signed_sin = torch.cat((-sin[..., :head_dim // 2], sin[..., head_dim // 2:]), dim=-1)
+    for index, layer in enumerate(_layers_of(model)):
+        qkv = _projected(layer.qkv, _norm(layer.input_norm, x)).view(rows, 1, -1, head_dim).transpose(1, 2)
+        qk = _rotated(qkv[:, :heads + kv_heads], cos, signed_sin)
+        k, v = cache.update(qk[:, heads:], qkv[:, heads + kv_heads:], index)
         if mask is None:
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=attention.scaling, enable_gqa=True)
+            o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, scale=layer.scaling, enable_gqa=True)
         else:  # transformers' sdpa path for one query: the query heads of a key head as its rows
-            o = torch.nn.functional.scaled_dot_product_attention(
-                q.reshape(rows, kv_heads, heads // kv_heads, head_dim), k, v, attn_mask=mask, scale=attention.scaling)
-        o = o.reshape(rows, heads, 1, head_dim).transpose(1, 2).reshape(rows, 1, heads * head_dim)
-        x = x + attention.o_proj(o)
-        mlp = layer.mlp
-        gate, up = _inputs_of([mlp.gate_proj, mlp.up_proj], _norm(layer.post_attention_layernorm, x))
-        x = x + mlp.down_proj(mlp.act_fn(gate) * up)
-    return model.lm_head(_norm(inner.norm, x))[:, -1]
+            q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
+        x = x + layer.o_proj(o.reshape(rows, heads, 1, head_dim).transpose(1, 2).reshape(rows, 1, heads * head_dim))
+        gate, up = _projected(layer.gate_up, _norm(layer.post_norm, x)).chunk(2, dim=-1)
+        x = x + layer.down_proj(layer.act_fn(gate) * up)
+    return model.lm_head(_norm(model.model.norm, x))[:, -1]
