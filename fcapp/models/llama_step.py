@@ -1,11 +1,11 @@
 """One decoding pass of a Llama-family model (SmolLM2), one new token per row, written out by hand.
 
-transformers' forward spends a third of an int4 decode pass outside the arithmetic: ~12 module calls
-a layer, output recording, keyword plumbing and mask preparation, each a few microseconds, 30 layers
-a token (measured with the torch profiler, benchmarks/results.md). This pass runs the same tensor
-operations in the same order, so in fp32 its logits are transformers' to the bit
-(tests/test_perf_equivalence.py). With quantised weights, q/k/v and gate/up are one matmul each:
-`quantise_for_decode` quantises each such group as one weight (fcapp.models.cpu).
+transformers' forward spends about a third of an int4 decode pass outside the arithmetic: ~12 module
+calls a layer, output recording, keyword plumbing and mask preparation, each a few microseconds, 30
+layers a token (profiled: benchmarks/README.md). This pass runs the same tensor operations in the same
+order, so its logits are transformers' to the bit (tests/test_perf_equivalence.py). With quantised
+weights, q/k/v and gate/up are one matmul each: `quantise_for_decode` quantises each such group as
+one weight (fcapp.models.cpu).
 """
 
 from __future__ import annotations
@@ -19,10 +19,11 @@ from transformers.cache_utils import Cache
 
 
 def supports(model: torch.nn.Module) -> bool:
-    """Whether `decode_pass` computes what `model`'s own forward does: a plain Llama without biases."""
+    """Whether `decode_pass` computes what `model`'s own forward does, to the bit: a plain float32 Llama
+    without biases."""
     config = getattr(model, "config", None)
-    return (isinstance(model, LlamaForCausalLM) and not config.attention_bias and not config.mlp_bias
-            and getattr(config, "pretraining_tp", 1) == 1)
+    return (isinstance(model, LlamaForCausalLM) and model.dtype == torch.float32 and not config.attention_bias
+            and not config.mlp_bias and getattr(config, "pretraining_tp", 1) == 1)
 
 
 @dataclass
