@@ -42,7 +42,8 @@ class _Layer:
 
 
 def _layers_of(model: LlamaForCausalLM) -> list[_Layer]:
-    """`model`'s layers as `_Layer`s, gathered at its first decode pass (after any quantisation)."""
+    """`model`'s layers as `_Layer`s, gathered at its first decode pass. They hold modules, whose weights
+    (and quantised copies) are read at every pass, so training or quantising the model later is seen."""
     layers = model.__dict__.get("_decode_layers")
     if layers is None:
         layers = [_Layer(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
