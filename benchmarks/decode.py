@@ -377,8 +377,7 @@ def samples_row(name: str, model: LocalModel, task: Task, problem: Problem) -> R
     split = "; {}: {:.1f} s = decode {:.1f} + encoding {:.1f} + rest, {} tokens".format
     return Row(f"{name}: 8 samples batched vs one after another",
                f"{60 * 8 / together[0]:.1f} vs {60 * 8 / one_by_one[0]:.1f} chains/min"
-               + split("batched", together[0], together[1], together[2], together[3])
-               + split("one by one", one_by_one[0], one_by_one[1], one_by_one[2], one_by_one[3]),
+               + split("batched", *together) + split("one by one", *one_by_one),
                f"{ratio:.2f}x", ">= 3x", ratio >= 3)
 
 
