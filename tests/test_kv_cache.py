@@ -77,12 +77,37 @@ def test_keep_cuts_rows_to_a_prefix_in_place_or_packed(model):
     assert_next_logits_match(model, state, [[35], [36], [37]])
 
 
-def test_rows_packs_prefixes_to_the_right(model):
+def test_rows_packs_prefixes_from_column_zero(model):
     state = state_of(model, PROMPTS)
     packed = state.rows([1, 1, 0], [3, 2, 4])
     assert packed.width == 4 and packed.tokens == [PROMPTS[1], PROMPTS[1][:2], PROMPTS[0][:4]]
-    assert packed.where == [[1, 2, 3], [2, 3], [0, 1, 2, 3]]
+    assert packed.where == [[0, 1, 2], [0, 1], [0, 1, 2, 3]]
     assert_next_logits_match(model, packed, [[40], [41, 42], [43]])
+
+
+def test_rows_cut_from_rows_with_holes_keep_their_tokens(model):
+    state = state_of(model, PROMPTS)  # rows 1 and 2 start with holes: their prompts are right-aligned
+    assert_next_logits_match(model, state, [[20], [], [21]])  # row 1 sits out: a hole in its middle
+    packed = state.rows([1, 2, 0], [3, 5, 7])
+    assert packed.tokens == [PROMPTS[1], PROMPTS[2] + [21], PROMPTS[0] + [20]]
+    assert_next_logits_match(model, packed, [[44], [45], [46]])
+
+
+TRUNK = [1 + i % 60 for i in range(70)]  # a prompt every row shares, long enough for the shared-column attention
+
+
+def test_rows_sharing_a_prompt_share_its_columns_and_decode_as_each_would_alone(model):
+    from fcapp.models.llama_step import SHARED_MIN
+
+    state = state_of(model, [TRUNK])
+    samples = state.rows([0, 0, 0], [70, 70, 65])  # two samples of the prompt and one cut inside it
+    assert samples.shared == 65 >= SHARED_MIN
+    assert_next_logits_match(model, samples, [[5], [6, 7], [8]])
+    for _ in range(3):  # one token a row a pass: the pass reads the shared columns once for all rows
+        assert_next_logits_match(model, samples, [[9], [10], [11]])
+    samples.put([2], state_of(model, [[3, 4]]))
+    assert samples.shared == 0
+    assert_next_logits_match(model, samples, [[12], [13], [14]])
 
 
 def test_put_replaces_rows_in_place_whichever_state_is_wider(model):

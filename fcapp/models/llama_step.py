@@ -6,6 +6,11 @@ layers a token (profiled: benchmarks/README.md). This pass runs the same tensor 
 order, so its logits are transformers' to the bit (tests/test_perf_equivalence.py). With quantised
 weights, q/k/v and gate/up are one matmul each: `quantise_for_decode` quantises each such group as
 one weight (fcapp.models.cpu).
+
+Rows that share a prompt (samples of one problem) hold the same keys and values in its columns; read
+once a row, they are most of what a batched pass's attention streams (the 540-token prompt of 8 rows:
+200 MB a pass at fp32, more than int8 weights). `_attention_sharing` reads them once for all rows.
+Its logits equal transformers' up to float rounding (a softmax written out, not SDPA's kernel).
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ from transformers.cache_utils import Cache
 
 
 def supports(model: torch.nn.Module) -> bool:
-    """Whether `decode_pass` computes what `model`'s own forward does, to the bit: a plain float32 Llama
-    without biases."""
+    """Whether `decode_pass` computes what `model`'s own forward does (to the bit, but for columns the
+    rows share): a plain float32 Llama without biases."""
     config = getattr(model, "config", None)
     return (isinstance(model, LlamaForCausalLM) and model.dtype == torch.float32 and not config.attention_bias
             and not config.mlp_bias and getattr(config, "pretraining_tp", 1) == 1)
@@ -75,11 +80,33 @@ def _rotated(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> to
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
 
 
+SHARED_MIN = 64  # fewer shared columns than this: SDPA over each row's own copy
+
+
+def _attention_sharing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, shared: int,
+                       scale: float) -> torch.Tensor:
+    """Attention of q [rows, kv_heads, group, dim] (a key head's query heads as its rows) over k, v
+    [rows, kv_heads, columns, dim] whose first `shared` columns are alike in every row: their scores
+    and weighted values are one matmul for all rows' queries, over row 0's copy; the other columns,
+    masked by `mask` [rows, 1, 1, columns], one per row. The same [rows, kv_heads, group, dim] as SDPA."""
+    rows, kv_heads, group, dim = q.shape
+    q = q * scale
+    stacked = q.transpose(0, 1).reshape(kv_heads, rows * group, dim)
+    weights = torch.cat([
+        torch.matmul(stacked, k[0, :, :shared].transpose(1, 2)).view(kv_heads, rows, group, shared).transpose(0, 1),
+        torch.matmul(q, k[:, :, shared:].transpose(2, 3)).masked_fill_(~mask[..., shared:], float("-inf")),
+    ], dim=-1).softmax(-1)
+    on_shared = weights[..., :shared].transpose(0, 1).reshape(kv_heads, rows * group, shared)
+    return (torch.matmul(on_shared, v[0, :, :shared]).view(kv_heads, rows, group, dim).transpose(0, 1)
+            + torch.matmul(weights[..., shared:], v[:, :, shared:]))
+
+
 def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                cache: Cache) -> torch.Tensor:
+                cache: Cache, shared: int = 0) -> torch.Tensor:
     """The logits [rows, vocab] after one new token per row. ids, positions: [rows, 1]; mask: None (one
     row, every column real) or boolean [rows, 1, 1, columns], True where the row may attend (the cache's
-    columns and the new one); `cache`'s layers get each row's new keys and values."""
+    columns and the new one); `cache`'s layers get each row's new keys and values. `shared`: how many
+    leading cache columns every row holds alike (see `_attention_sharing`)."""
     config = model.config
     rows = ids.shape[0]
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -96,7 +123,10 @@ def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Ten
             o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, scale=layer.scaling, enable_gqa=True)
         else:  # transformers' sdpa path for one query: the query heads of a key head as its rows
             q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
-            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
+            if shared >= SHARED_MIN:
+                o = _attention_sharing(q, k, v, mask, shared, layer.scaling)
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
         x = x + layer.o_proj(o.reshape(rows, heads, 1, head_dim).transpose(1, 2).reshape(rows, 1, heads * head_dim))
         gate, up = _projected(layer.gate_up, _norm(layer.post_norm, x)).chunk(2, dim=-1)
         x = x + layer.down_proj(layer.act_fn(gate) * up)
