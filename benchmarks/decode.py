@@ -27,6 +27,7 @@ from benchmarks.report import Row, arguments, log, publish, table
 from benchmarks.report import machine as machine_basics
 from fcapp.batching import solve_batch
 from fcapp.models.base import Message
+from fcapp.models import llama_step
 from fcapp.models.cpu import decode_bytes, lay_out_for_decode
 from fcapp.models.local import LocalModel
 from fcapp.models.registry import PRECISIONS, embedded_gguf, embedded_model_dir, gguf_to_folder
@@ -163,6 +164,16 @@ def plain_layout(model: LocalModel) -> Iterator[None]:
 def with_plain_layout(model: LocalModel, run: Callable[[], float]) -> float:
     with plain_layout(model):
         return run()
+
+
+def without_sharing(run: Callable[[], float]) -> float:
+    """`run` with every batched pass attending to each row's own copy of the columns the rows share."""
+    least = llama_step.SHARED_MIN
+    llama_step.SHARED_MIN = 1 << 62
+    try:
+        return run()
+    finally:
+        llama_step.SHARED_MIN = least
 
 
 def with_transformers_forward(model: LocalModel, run: Callable[[], float]) -> float:
@@ -384,10 +395,10 @@ def samples_row(name: str, model: LocalModel, task: Task, problem: Problem) -> R
 def precision_rows(fp32: LocalModel, ids: list[int], bandwidth: float, llama: Path | None,
                    task: Task, problem: Problem, chain: Chain) -> list[Row]:
     """Per decode precision: one sequence's decode rate against the bandwidth bound of the bytes that
-    precision reads per token, an 8-sequence decode step, prefill (fp32 weights whatever the
-    precision), whether the greedy chain is fp32's and 8 samples batched; llama.cpp's decode and
-    prefill on the shipped GGUF beside them when `llama` is given. Each round measures everything
-    once, in turns; the best of two rounds counts. `fp32` is the run's model; the quantised ones use its threads."""
+    precision reads per token, an 8-sequence decode step (the prompt the rows share read once, and
+    once a row), prefill (fp32 weights whatever the precision), whether the greedy chain is fp32's and
+    8 samples batched; llama.cpp's decode and prefill on the shipped GGUF beside them when `llama` is
+    given. Each round measures everything once, in turns; the best of two rounds counts. `fp32` is the run's model; the quantised ones use its threads."""
     models = {name: fp32 if name == "fp32" else LocalModel(f"smollm2@{name}", threads=fp32.threads)
               for name in PRECISIONS}
     best: dict[tuple[str, str], float] = {}
@@ -399,6 +410,7 @@ def precision_rows(fp32: LocalModel, ids: list[int], bandwidth: float, llama: Pa
         for name, model in models.items():
             keep((name, "decode"), decode_seconds(model, ids) / DECODE)
             keep((name, "step"), batch_step(model, ids))
+            keep((name, "step unshared"), without_sharing(lambda: batch_step(model, ids)))
             keep((name, "prefill"), prefill_seconds(model, ids))
         if llama:
             for kind, rate in llama_bench(llama, sorted({1, torch.get_num_threads()}), len(ids)).items():
@@ -414,6 +426,9 @@ def precision_rows(fp32: LocalModel, ids: list[int], bandwidth: float, llama: Pa
                 f"fp32's rate; same greedy chain as fp32: {same}", f"{rate / bound * 100:.1f}%"),
             Row(f"{name}: decode 8 sequences in one step vs 1", f"{8 / best[name, 'step']:.0f} vs {rate:.1f} tok/s "
                 f"({best[name, 'step'] * 1e3:.0f} ms a step)", f"{8 * best[name, 'decode'] / best[name, 'step']:.2f}x"),
+            Row(f"{name}: decode step of 8 sequences sharing the prompt: its columns read once vs once a row",
+                f"{best[name, 'step'] * 1e3:.0f} vs {best[name, 'step unshared'] * 1e3:.0f} ms",
+                f"{best[name, 'step unshared'] / best[name, 'step']:.2f}x"),
             Row(f"{name}: prefill of {len(ids)} tokens", f"{len(ids) / best[name, 'prefill']:.0f} tok/s",
                 f"{best['fp32', 'prefill'] / best[name, 'prefill']:.2f}x fp32"),
             samples_row(name, model, task, problem),

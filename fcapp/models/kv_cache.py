@@ -69,11 +69,11 @@ class _GrowingLayer(DynamicLayer):
         if self._k is not None:
             self._publish()
 
-    def take(self, source: "_GrowingLayer", rows: list[int], runs: list[list[tuple[int, int, int]]], width: int) -> None:
-        """Become `source`'s rows `rows` over `width` columns: new row j gets, for each (start, at, n) of
-        runs[j], source columns start..start+n at columns at..at+n; its other columns are zeros (masked
-        holes: never uninitialised memory, whose NaNs a zero attention weight would not cancel). A row's
-        tokens sit in a few contiguous runs, so this copies slices (10x faster than gathering columns)."""
+    def take(self, source: "_GrowingLayer", rows: list[int], runs: list[list[tuple[int, int]]], width: int) -> None:
+        """Become `source`'s rows `rows` over `width` columns: new row j holds the source columns of
+        runs[j] ((start, n) pairs) one after another from column 0, then zeros (masked holes: never
+        uninitialised memory, whose NaNs a zero attention weight would not cancel). A row's tokens sit
+        in a few contiguous runs, so this copies slices (10x faster than gathering columns)."""
         if source._k is None:
             return
         _, heads, _, dim = source.keys.shape
@@ -82,12 +82,10 @@ class _GrowingLayer(DynamicLayer):
         self._v = source.values.new_empty(len(rows), heads, width + 256, dim)
         for j, (row, pieces) in enumerate(zip(rows, runs)):
             end = 0
-            for start, at, n in pieces:
-                self._k[j, :, end:at] = 0
-                self._v[j, :, end:at] = 0
-                self._k[j, :, at:at + n] = source.keys[row, :, start:start + n]
-                self._v[j, :, at:at + n] = source.values[row, :, start:start + n]
-                end = at + n
+            for start, n in pieces:
+                self._k[j, :, end:end + n] = source.keys[row, :, start:start + n]
+                self._v[j, :, end:end + n] = source.values[row, :, start:start + n]
+                end += n
             self._k[j, :, end:width] = 0
             self._v[j, :, end:width] = 0
         self.length = width
@@ -280,15 +278,14 @@ class KVState:
         return logits
 
 
-def _runs(columns: list[int]) -> list[tuple[int, int, int]]:
-    """`columns` (ascending) as contiguous runs (start, index in `columns`, length)."""
-    runs: list[tuple[int, int, int]] = []
-    for at, column in enumerate(columns):
-        if runs and runs[-1][0] + runs[-1][2] == column:
-            start, first, n = runs[-1]
-            runs[-1] = (start, first, n + 1)
+def _runs(columns: list[int]) -> list[tuple[int, int]]:
+    """`columns` (ascending) as contiguous runs, (first column, length) each."""
+    runs: list[tuple[int, int]] = []
+    for column in columns:
+        if runs and sum(runs[-1]) == column:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
         else:
-            runs.append((column, at, 1))
+            runs.append((column, 1))
     return runs
 
 
