@@ -8,6 +8,7 @@ model sees exactly what it will see when it runs the agent.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,9 @@ def _render(tokenizer: Any, messages: list[Message], generation_prompt: bool) ->
     return tokenizer.apply_chat_template(plain, tokenize=False, add_generation_prompt=generation_prompt)
 
 
+@functools.lru_cache(maxsize=8)
 def _end_token(tokenizer: Any) -> str:
+    """The token that closes a turn (once per tokenizer: its vocabulary is a fresh 49k-entry dict each call)."""
     return "<|im_end|>" if "<|im_end|>" in tokenizer.get_vocab() else (tokenizer.eos_token or "")
 
 
@@ -44,12 +47,12 @@ def tokenize_chain(tokenizer: Any, prompt: list[Message], completion: list[Messa
     and the end-of-turn token that closes it (so the model learns to stop after its call)."""
     prompt_text = _render(tokenizer, prompt, generation_prompt=True)
     spans = []
+    stop = _end_token(tokenizer)
     for i, message in enumerate(completion):
         if message["role"] != "assistant":
             continue
         start = len(_render(tokenizer, prompt + completion[:i], generation_prompt=True))
         end = len(_render(tokenizer, prompt + completion[:i + 1], generation_prompt=False))
-        stop = _end_token(tokenizer)
         closing = _render(tokenizer, prompt + completion[:i + 1], generation_prompt=False).rfind(stop, start, end)
         spans.append((start, closing + len(stop) if stop and closing >= 0 else end))
     text = _render(tokenizer, prompt + completion, generation_prompt=False)
