@@ -110,10 +110,9 @@ def wrong_chain(task: Any, problem: Any, index: int) -> Any:
             answer += "0"
     agent, chain = start_chain(task, problem, "benchmark-wrong")
     chain.seed = index
-    agent.replay(chain, task.reference_replies(problem, work))
     if answer is None:
-        answer = str(chain.steps[-1].result)
-    agent.replay(chain, task.reference_replies(problem, [Call(final.name, {"answer": answer})]))
+        answer = str(agent.replay_steps(work)[-1].result)
+    agent.replay(chain, work + [Call(final.name, {"answer": answer})])
     chain.reference = False
     return finish(task, problem, chain)
 

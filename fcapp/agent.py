@@ -16,8 +16,7 @@ from fcapp.models.base import ChatModel, Message, SamplingParams
 from fcapp.records import FINAL_ANSWER, Call, Chain, Event, Step
 from fcapp.tools.base import Registry, Tool, ToolError, tool_from_function
 
-ONE_CALL = 'Reply with exactly one function call and nothing else, written like this: name(argument="value")'
-SYSTEM_TEMPLATE = """You solve problems step by step by calling functions. {reply_format}
+SYSTEM_TEMPLATE = """You solve problems step by step by calling functions. Reply with exactly one function call and nothing else, written like this: name(argument="value")
 Each call's result comes back to you. When you know the answer, call {final}.
 
 Functions:
@@ -50,13 +49,13 @@ def render_functions(tools: Registry) -> str:
     return "\n".join(blocks)
 
 
-def demonstration(tools: Registry, question: str, replies: list[str]) -> list[Message]:
-    """A worked example as messages: the question, then each reference reply and its call's real result.
+def demonstration(tools: Registry, question: str, calls: list[Call]) -> list[Message]:
+    """A worked example as messages: the question, then each reference call and its real result.
 
     `tools` are the demo problem's own tools (FOL tools are bound to that problem's premises)."""
     replayer = Agent(tools)
     chain = replayer.start("demo", "demo", question, "reference")
-    replayer.replay(chain, replies)
+    replayer.replay(chain, calls)
     return [{"role": "user", "content": question}, *chain.completion_messages()]
 
 
@@ -71,19 +70,15 @@ def with_final_answer(tools: Registry) -> Registry:
 class Agent:
     """Runs one problem through a model with a registry of tools."""
 
-    def __init__(self, tools: Registry, demo: list[Message] | None = None, config: AgentConfig | None = None,
-                 reply_format: str = ONE_CALL) -> None:
-        """`demo`: worked-example messages placed before the question (see `demonstration`); `reply_format`:
-        how the system prompt says a reply is written (the task's)."""
+    def __init__(self, tools: Registry, demo: list[Message] | None = None, config: AgentConfig | None = None) -> None:
+        """`demo`: worked-example messages placed before the question (see `demonstration`)."""
         self.tools = with_final_answer(tools)
         self.demo = list(demo or [])
         self.config = config or AgentConfig()
-        self.reply_format = reply_format
 
     # ---- prompt -------------------------------------------------------------------------------
     def system_prompt(self) -> str:
-        return SYSTEM_TEMPLATE.format(reply_format=self.reply_format, final=FINAL_ANSWER,
-                                      functions=render_functions(self.tools))
+        return SYSTEM_TEMPLATE.format(final=FINAL_ANSWER, functions=render_functions(self.tools))
 
     def prompt(self, question: str) -> list[Message]:
         return [{"role": "system", "content": self.system_prompt()}, *self.demo, {"role": "user", "content": question}]
@@ -184,11 +179,19 @@ class Agent:
             pass
         return chain
 
-    def replay(self, chain: Chain, replies: list[str]) -> Chain:
-        """Fill `chain` with a reference chain's replies (Task.reference_replies), each parsed and executed
-        exactly as a model's reply would be; the chain is marked reference."""
-        for reply in replies:
-            self.advance(chain, reply)
+    def replay_steps(self, calls: list[Call]) -> list[Step]:
+        """Execute known calls (a reference chain) exactly as the model's calls would be."""
+        steps = []
+        for i, call in enumerate(calls):
+            step = self.execute(self.tools.get(call.name).render_call(call.arguments))
+            step.index = i
+            steps.append(step)
+        return steps
+
+    def replay(self, chain: Chain, calls: list[Call]) -> Chain:
+        """Fill `chain` with a reference chain's steps (marked reference, model_id 'reference')."""
+        for step in self.replay_steps(calls):
+            self.advance(chain, step.text)
             if chain.done:
                 break
         chain.reference = True

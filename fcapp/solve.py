@@ -36,7 +36,7 @@ class SolveConfig:
 @lru_cache(maxsize=None)
 def _demo(task: Task) -> tuple[Message, ...]:
     problem, calls = task.demonstration()
-    return tuple(demonstration(task.tools(problem), problem.question, task.reference_replies(problem, calls)))
+    return tuple(demonstration(task.tools(problem), problem.question, calls))
 
 
 def prompted_with_demo(model_path: str | None) -> bool:
@@ -68,7 +68,7 @@ def build_agent(task: Task, problem: Problem, config: SolveConfig | None = None)
 
     config = config or SolveConfig()
     demo = list(_demo(task)) if config.demo is not False else []
-    return Agent(tools_for(task, problem), demo, config.agent_config(), task.reply_format)
+    return Agent(tools_for(task, problem), demo, config.agent_config())
 
 
 def start_chain(task: Task, problem: Problem, model_id: str, config: SolveConfig | None = None) -> tuple[Agent, Chain]:
@@ -106,7 +106,7 @@ def reference_chain(task: Task, problem: Problem) -> Chain | None:
     if calls is None:
         return None
     agent, chain = start_chain(task, problem, "reference")
-    agent.replay(chain, task.reference_replies(problem, calls))
+    agent.replay(chain, calls)
     return finish(task, problem, chain)
 
 

@@ -34,7 +34,7 @@ def wrong_chain(task_name: str, problem_id: str, answer: str = "-1", model_id: s
     agent, chain = start_chain(task, problem, model_id)
     chain.seed = seed
     calls = list(task.reference_calls(problem) or [])[:1] + [Call("final_answer", {"answer": answer})]
-    agent.replay(chain, task.reference_replies(problem, calls))
+    agent.replay(chain, calls)
     chain.reference = False
     finish(task, problem, chain)
     assert chain.verdict is False

@@ -8,7 +8,7 @@ from typing import Iterator
 from fcapp.agent import Agent, AgentConfig, demonstration
 from fcapp.models.base import Chunk, SamplingParams
 from fcapp.records import Call, Chain
-from fcapp.tools.base import Registry, render_calls, tool_from_function
+from fcapp.tools.base import Registry, tool_from_function
 
 
 def add(a: int, b: int) -> int:
@@ -47,8 +47,7 @@ def start(agent: Agent, model_id: str = "scripted") -> Chain:
 
 
 def test_the_prompt_injects_signatures_descriptions_examples_and_the_demo():
-    demo = demonstration(registry(), "What is 1+1?", render_calls([Call("add", {"a": 1, "b": 1}),
-                                                                Call("final_answer", {"answer": "2"})]))
+    demo = demonstration(registry(), "What is 1+1?", [Call("add", {"a": 1, "b": 1}), Call("final_answer", {"answer": "2"})])
     agent = Agent(registry(), demo)
     system, *rest = agent.prompt("What is 2+3+4?")
     assert "add(a: integer, b: integer)" in system["content"]
@@ -113,8 +112,7 @@ def test_a_chain_record_round_trips_through_a_dict():
 
 
 def test_the_real_small_model_solves_through_the_agent(small_model):
-    demo = demonstration(registry(), "What is 12+30?", render_calls([Call("add", {"a": 12, "b": 30}),
-                                                                    Call("final_answer", {"answer": "42"})]))
+    demo = demonstration(registry(), "What is 12+30?", [Call("add", {"a": 12, "b": 30}), Call("final_answer", {"answer": "42"})])
     agent = Agent(registry(), demo, AgentConfig(max_steps=4, sampling=SamplingParams(max_new_tokens=40)))
     chain = agent.start("demo", "p", "What is 20+22?", small_model.model_id)
     events = list(agent.run(small_model, chain))

@@ -57,7 +57,7 @@ def _replay(task: Task, problem) -> str | None:
     assert calls is not None, problem.id
     agent = Agent(task.tools(problem), [])
     chain = agent.start(task.name, problem.id, problem.question, "reference")
-    agent.replay(chain, task.reference_replies(problem, calls))
+    agent.replay(chain, calls)
     assert all(step.error is None for step in chain.steps), [s.error for s in chain.steps]
     return chain.answer
 

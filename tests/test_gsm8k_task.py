@@ -16,7 +16,6 @@ from fcapp.tasks.gsm8k import (
     DEMONSTRATION_ID,
     Gsm8kTask,
     annotation_expressions,
-    annotation_steps,
     canonical_number,
     extract_number,
     normalise_expression,
@@ -33,7 +32,7 @@ def task() -> Gsm8kTask:
 def replay(task: Gsm8kTask, problem, calls: list[Call]):
     agent = Agent(task.tools(problem), [])
     chain = agent.start(task.name, problem.id, problem.question, "reference")
-    return agent.replay(chain, task.reference_replies(problem, calls))
+    return agent.replay(chain, calls)
 
 
 def annotated_results(solution: str) -> dict[str, float]:
@@ -191,39 +190,6 @@ def test_annotation_expressions() -> None:
     assert annotation_expressions(solution) == ["48/2", "48", "2*1000"]
 
 
-def test_annotation_steps_give_each_calculation_the_sentence_it_is_part_of() -> None:
-    solution = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
-                "Weng earns 12/60 = $<<12/60=0.2>>0.2 per minute.\n"
-                "Let x be the price.\n"
-                "So she has <<3*5=15>>15 pens and <<15+2=17>>17 pencils.\n"
-                "#### 17")
-    assert annotation_steps(solution) == [
-        ("Natalia sold 48/2 clips in May.", "48/2"),
-        ("Weng earns 12/60 per minute.", "12/60"),
-        ("Let x be the price. So she has 3*5 pens and 15+2 pencils.", "3*5"),  # a line without a call carries on
-        ("", "15+2"),  # a line's later calls have said what they compute already
-    ]
-
-
-def test_reference_replies_say_what_they_compute_then_call(task: Gsm8kTask) -> None:
-    problem = task.get("gsm8k-0")
-    replies = task.reference_replies(problem, task.reference_calls(problem))
-    assert replies == ['Natalia sold 48/2 clips in May.\ncalculator(expression="48/2")',
-                       'Natalia sold 48+24 clips altogether in April and May.\ncalculator(expression="48+24")',
-                       'final_answer(answer="72")']
-    chain = replay(task, problem, task.reference_calls(problem))
-    assert [step.call for step in chain.steps] == task.reference_calls(problem)
-    assert [step.text for step in chain.steps] == replies
-    assert chain.steps[1].result == "72" and task.verify(problem, chain.answer)
-
-
-def test_the_prompt_asks_for_a_sentence_before_each_call(task: Gsm8kTask) -> None:
-    from fcapp.solve import build_agent
-
-    system = build_agent(task, task.get("gsm8k-1")).system_prompt()
-    assert "Reply with one short sentence that says what you compute, then exactly one function call" in system
-
-
 def test_reference_calls_of_the_first_problem(task: Gsm8kTask) -> None:
     calls = task.reference_calls(task.get("gsm8k-0"))
     assert calls == [
@@ -273,7 +239,7 @@ def test_demonstration_is_a_short_fixed_train_problem(task: Gsm8kTask) -> None:
     assert task.demonstration() == (problem, calls)
     chain = replay(task, problem, calls)
     assert chain.stop_reason == "answer" and task.verify(problem, chain.answer)
-    messages = demonstration(task.tools(problem), problem.question, task.reference_replies(problem, calls))
+    messages = demonstration(task.tools(problem), problem.question, calls)
     assert [m["role"] for m in messages] == ["user", "assistant", "tool", "assistant", "tool", "assistant"]
     assert messages[2]["content"] == "24"
 

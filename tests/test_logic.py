@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from fcapp.agent import Agent
 from fcapp.records import Call
-from fcapp.tools.base import ToolError, render_calls
+from fcapp.tools.base import ToolError
 from fcapp.tools.logic import (
     Atom, Binary, FormulaError, Not, Quantified, SolverUndecided, Term, constants, decide, logic_toolkit, parse,
     predicates, to_text,
@@ -256,8 +256,8 @@ def test_toolkit_refuses_unparseable_premises() -> None:
 def test_agent_replays_a_chain_with_the_toolkit() -> None:
     agent = Agent(logic_toolkit(PREMISES), [])
     chain = agent.start("fol", "t-1", "Is Furry(tom) true?", "reference")
-    agent.replay(chain, render_calls([Call("list_premises", {}), Call("check", {"conclusion": "Furry(tom)"}),
-                                      Call("final_answer", {"answer": "True"})]))
+    agent.replay(chain, [Call("list_premises", {}), Call("check", {"conclusion": "Furry(tom)"}),
+                         Call("final_answer", {"answer": "True"})])
     assert [s.error for s in chain.steps] == [None, None, None]
     assert chain.steps[1].result == "True"
     assert chain.answer == "True" and chain.stop_reason == "answer"

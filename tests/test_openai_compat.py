@@ -17,7 +17,7 @@ from fcapp.models.base import ModelError, SamplingParams, complete
 from fcapp.models.openai_compat import OpenAICompatModel
 from fcapp.records import Call
 from fcapp.serve import ServerThread, build_app
-from fcapp.tools.base import Registry, render_calls, tool_from_function
+from fcapp.tools.base import Registry, tool_from_function
 
 
 # ---- protocol and failures --------------------------------------------------------------------
@@ -193,7 +193,7 @@ def add(a: int, b: int) -> int:
 def test_an_agent_chain_through_http_matches_the_local_one(served, small_model):
     tools = Registry([tool_from_function(add, examples=[{"a": 2, "b": 3}])])
     reference = [Call("add", {"a": 12, "b": 30}), Call("final_answer", {"answer": "42"})]
-    demo = demonstration(tools, "What is 12+30?", render_calls(reference))
+    demo = demonstration(tools, "What is 12+30?", reference)
     agent = Agent(tools, demo, AgentConfig(max_steps=3, sampling=SamplingParams(max_new_tokens=24)))
     http = get_model(f"{served.url}#{small_model.model_id}", tool_role="tool")
     chains = [agent.solve(model, agent.start("demo", "p", "What is 20+22?", model.model_id, seed=4))

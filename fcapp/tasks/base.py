@@ -8,10 +8,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fcapp.agent import ONE_CALL
 from fcapp.files import DataFileError, read_jsonl
 from fcapp.records import Call
-from fcapp.tools.base import Registry, render_calls
+from fcapp.tools.base import Registry
 
 HELDOUT_FRACTION = 0.2
 
@@ -41,8 +40,6 @@ class Task(ABC):
 
     name: str
     description: str
-    # How the system prompt tells the model to write a reply (the reference replies are written this way).
-    reply_format: str = ONE_CALL
 
     @abstractmethod
     def problems(self) -> list[Problem]:
@@ -67,11 +64,6 @@ class Task(ABC):
     @abstractmethod
     def reference_calls(self, problem: Problem) -> list[Call] | None:
         """A correct chain of calls for this problem, when the data allows building one."""
-
-    def reference_replies(self, problem: Problem, calls: list[Call]) -> list[str]:
-        """Reference calls of `problem` as the replies a model writes for them (`reply_format`): each call
-        rendered as the prompt teaches."""
-        return render_calls(calls)
 
     @abstractmethod
     def demonstration(self) -> tuple[Problem, list[Call]]:

@@ -35,8 +35,6 @@ _THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}(?!\d))")
 # A number in prose: an optional fraction bar, a minus only where it cannot be subtraction.
 _NUMBER = re.compile(r"(?<![\w.])(-?)(\d+(?:\.\d+)?|\.\d+)(?:\s*/\s*(\d+(?:\.\d+)?))?")
 _ARITHMETIC = re.compile(r"[\d.+\-*/()\s]+")
-# An annotated calculation and its written result: "= $<<12/60=0.2>>0.2" or "<<5*3=15>>15".
-_CALCULATION = re.compile(r"(\s*=\s*)?[$€£]?\s*<<([^>]*)>>\s*[$€£]?(?:-?[\d.,]*\d%?)?")
 
 
 def canonical_number(text: str) -> str:
@@ -97,49 +95,17 @@ def normalise_expression(expression: str) -> str | None:
     return expr
 
 
-def annotation_steps(solution: str) -> list[tuple[str, str]]:
-    """The solution as calculator steps: (thought, expression) for each `<<expr=result>>` annotation, in
-    order, exact repeats and annotations that are not arithmetic dropped.
-
-    The thought is the solution's own sentence with each calculation written as its expression and the
-    result taken out ("Natalia sold 48/2 = <<48/2=24>>24 clips in May." -> "Natalia sold 48/2 clips in
-    May."): what the step computes, in words, before the call computes it. A line without a kept
-    annotation is carried into the next step's thought; a line's later calls have none.
-    """
-    steps: list[tuple[str, str]] = []
-    seen: set[str] = set()
-    pending = ""
-    for line in solution.rsplit("####", 1)[0].splitlines():
-        expressions = []
-        for annotation in _ANNOTATION.findall(line):
-            parts = annotation.split("=")
-            # `<<a=b=c>>`: the part right before the result is what yields it.
-            expr = normalise_expression(parts[-2] if len(parts) > 1 else parts[0])
-            if expr is not None and expr not in seen:
-                seen.add(expr)
-                expressions.append(expr)
-        thought = f"{pending} {_without_results(line)}".strip()
-        if not expressions:
-            pending = thought
-            continue
-        pending = ""
-        steps += [(thought, expressions[0])] + [("", expr) for expr in expressions[1:]]
-    return steps
-
-
-def _without_results(line: str) -> str:
-    """A solution line with each annotated calculation as its expression alone: "48/2 = <<48/2=24>>24" and
-    "<<48/2=24>>24" both read "48/2"."""
-    def written(match: re.Match) -> str:
-        return "" if match.group(1) else " " + match.group(2).split("=")[0].strip()
-
-    line = _CALCULATION.sub(written, line)
-    return re.sub(r"\s+([.,;!?])", r"\1", re.sub(r"\s+", " ", line)).strip()
-
-
 def annotation_expressions(solution: str) -> list[str]:
-    """The calculator expressions of a solution's annotations (see annotation_steps)."""
-    return [expr for _, expr in annotation_steps(solution)]
+    """The calculator expressions of a solution's `<<expr=result>>` annotations, normalised,
+    in order, exact repeats dropped; annotations that are not arithmetic are skipped."""
+    expressions: list[str] = []
+    for annotation in _ANNOTATION.findall(solution):
+        parts = annotation.split("=")
+        # `<<a=b=c>>`: the part right before the result is what yields it.
+        expr = normalise_expression(parts[-2] if len(parts) > 1 else parts[0])
+        if expr is not None and expr not in expressions:
+            expressions.append(expr)
+    return expressions
 
 
 def problem_from_record(record: dict[str, Any], problem_id: str | None = None) -> Problem:
@@ -178,10 +144,6 @@ class Gsm8kTask(Task):
 
     name = "gsm8k"
     description = "Grade-school math word problems (GSM8K); the answer is a number."
-    # Each reply says in words what it computes before the call computes it: the solution's own
-    # sentence, as the annotations' calculator worked inside GSM8K's written solutions.
-    reply_format = ("Reply with one short sentence that says what you compute, then exactly one function call, "
-                    'written like this: name(argument="value")')
 
     def problems(self) -> list[Problem]:
         return list(_load(shipped("gsm8k/train.jsonl")))
@@ -211,17 +173,6 @@ class Gsm8kTask(Task):
             return None
         calls = [Call(CALCULATOR, {"expression": expr}) for expr in expressions]
         return calls + [Call(FINAL_ANSWER, {"answer": problem.answer})]
-
-    def reference_replies(self, problem: Problem, calls: list[Call]) -> list[str]:
-        """Each calculator call after the sentence of the solution it computes (annotation_steps); calls
-        the solution does not have (a benchmark's made-up answer, say) and the final answer as they are."""
-        thoughts = {expr: thought for thought, expr in annotation_steps(problem.meta.get("solution", ""))}
-        replies = super().reference_replies(problem, calls)
-        for i, call in enumerate(calls):
-            thought = thoughts.get(call.arguments.get("expression")) if call.name == CALCULATOR else None
-            if thought:
-                replies[i] = f"{thought}\n{replies[i]}"
-        return replies
 
     def demonstration(self) -> tuple[Problem, list[Call]]:
         problem = self.get(DEMONSTRATION_ID)

@@ -15,7 +15,6 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from fcapp.records import Call
 from fcapp.tools.worker import EXPECTED_FAILURES, POOL, WorkerError
 
 # Every argument string a model sends is capped: tools never see megabyte inputs.
@@ -118,11 +117,6 @@ def render_call(name: str, arguments: dict[str, Any]) -> str:
     """Python-call syntax with literal arguments: `name(a=2, b="x")` (what the prompt teaches)."""
     args = ", ".join(f"{k}={json.dumps(v, ensure_ascii=False, default=str)}" for k, v in arguments.items())
     return f"{name}({args})"
-
-
-def render_calls(calls: list[Call]) -> list[str]:
-    """Calls as the replies that make them, one call each and nothing else."""
-    return [render_call(call.name, call.arguments) for call in calls]
 
 
 def _coerce(tool: str, arg: str, value: Any, spec: dict[str, Any]) -> Any:
