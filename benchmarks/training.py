@@ -6,7 +6,8 @@ The levers, measured rather than assumed:
 - bf16 autocast (fp32 master weights), on this CPU's AVX512-BF16 matmuls;
 - the prompt without the worked demonstration (the tuned model is then prompted the same way);
 - DPO: the reference log-probs computed once before training instead of at every step;
-- SFT: shared-prefix packing (a batch's common system prompt computed once; same loss);
+- SFT: shared-prefix packing (a batch's common system prompt computed once; same loss), and attention
+  over each piece of a pack instead of the whole pack under a mask;
 - threads when another job holds a core: two fixed threads against the measuring chooser.
 
 Data: real agent rows from the first GSM8K training problems: reference chains (the SFT examples, and
@@ -60,6 +61,7 @@ def variants(pairs: int, examples: int) -> list[Variant]:
     dpo_now = {"precompute_ref": None}
     dpo_levers = {"score_trained_only": True, "bf16": None, "demo": False}
     steps = {"batch_size": 2, "grad_accum": 1, "epochs": 1.0}
+    full_packs = {"batch_size": 8, "grad_accum": 1, "epochs": 1.0, "threads": 2}
     return [
         Variant("dpo", "before: fp32, demo in the prompt, reference every step, LM head on every position",
                 dpo_before | steps, pairs),
@@ -84,7 +86,11 @@ def variants(pairs: int, examples: int) -> list[Variant]:
                 | steps, examples),
         Variant("sft", "+ no demo in the prompt", sft_before | {"lora_dropout": 0.0, "score_trained_only": True,
                                                                 "bf16": None, "demo": False} | steps, examples),
-        Variant("sft", "+ shared-prefix packing, threads by measuring (the defaults now)", steps, examples),
+        Variant("sft", "+ shared-prefix packing, threads by measuring", steps | {"attend_by_piece": False}, examples),
+        Variant("sft", "+ attention piece by piece within each pack (the defaults now)", steps, examples),
+        Variant("sft", "packs of 8 (batch 8, as the recipes train), 2 threads: attention over the whole pack, masked",
+                full_packs | {"attend_by_piece": False}, examples),
+        Variant("sft", "packs of 8, 2 threads: attention piece by piece (the default)", full_packs, examples),
         Variant("grpo", "defaults (group of 4, 1 problem a step, demo as the base model)",
                 {"num_generations": 4, "grad_accum": 1, "max_steps": 3, "limit": 3}, 12),
     ]

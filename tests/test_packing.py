@@ -66,6 +66,31 @@ def test_a_pack_holds_the_shared_prompt_once_and_gives_the_same_loss_and_gradien
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
 
 
+def test_packed_attention_attends_piece_by_piece_to_what_the_dense_mask_gives(tokenizer):
+    """Two packs of unequal length in one batch (the shorter padded): attention computed piece by piece from
+    the packs' segments gives the loss and gradient of SDPA over the dense 4D mask, and needs no mask."""
+    from transformers import AutoModelForCausalLM
+
+    from fcapp.models.registry import resolve_model_path
+    from fcapp.training.packing import register_packed_attention
+
+    rows = examples(tokenizer, [("fol", f"fol-0-{i}") for i in range(5)])
+    packs = pack(rows, per_pack=3)
+    assert sorted(len(p["segments"]) - 1 for p in packs) == [2, 3]
+    batch = PackedCollator(0)([p | {"labels": [t if m else -100 for t, m in zip(p["input_ids"], p["assistant_masks"])]}
+                               for p in packs])
+    results = []
+    for attention, mask in (("sdpa", batch["attention_mask"]), (register_packed_attention(), None)):
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path("smollm2"), dtype=torch.float32,
+                                                     attn_implementation=attention)
+        loss = model(**(batch | {"attention_mask": mask})).loss
+        loss.backward()
+        results.append((loss.item(), model.model.layers[0].self_attn.q_proj.weight.grad.clone()))
+    (dense_loss, dense_grad), (packed_loss, packed_grad) = results
+    assert packed_loss == pytest.approx(dense_loss, rel=1e-5)
+    assert torch.allclose(packed_grad, dense_grad, rtol=1e-3, atol=1e-6)
+
+
 def test_examples_of_different_tasks_are_never_packed_together(tokenizer):
     rows = examples(tokenizer, [("fol", "fol-0-0"), ("gsm8k", "gsm8k-1"), ("fol", "fol-0-1"), ("gsm8k", "gsm8k-2")])
     packs = pack(rows, per_pack=4)

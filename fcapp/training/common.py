@@ -13,6 +13,7 @@ from typing import Any, Callable
 from fcapp.records import Message
 from fcapp.training.config import TrainConfig
 from fcapp.training.folder import RunFolder, read_json, read_log
+from fcapp.training.packing import register_packed_attention
 
 
 def score_trained_positions_only() -> None:
@@ -85,12 +86,15 @@ def lora(config: TrainConfig) -> Any:
 
 def load_model(path: str, config: TrainConfig) -> Any:
     """fp32 weights (bf16=True is autocast: AdamW on bf16 weights would round away updates as small as a
-    preference-tuning learning rate), except a frozen LoRA base on a GPU, which bf16 halves."""
+    preference-tuning learning rate), except a frozen LoRA base on a GPU, which bf16 halves. With `pack` and
+    `attend_by_piece`, attention runs piece by piece over the packs (packing.packed_attention)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     frozen_bf16 = torch.cuda.is_available() and use_bf16(config) and config.adapter == "lora"
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32)
+    attention = register_packed_attention() if config.pack and config.attend_by_piece else None
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
+                                                attn_implementation=attention)
 
 
 def save_model(trainer: Any, tokenizer: Any, target: Path, adapter: str) -> None:
