@@ -203,6 +203,8 @@ def test_sft_run_trains_on_verified_chains_and_its_model_is_prompted_as_trained(
     assert [r["stage"] for r in log] == ["sft"] * 3 and all(r["loss"] > 0 for r in log)
     card = json.loads((job.out / "card.json").read_text())
     assert card["method"] == "sft" and card["data"]["used"] == 4
+    # tokens seen (what the thread chooser divides by) are the packs' tokens, not their masks' entries
+    assert 0 < log[-1]["num_input_tokens_seen"] < 3 * 4 * 1024  # 3 epochs of 4 rows under max_length
     assert card["prompt"] == {"demo": False}  # SFT teaches the call format: the demo is left out
 
     from fcapp.models.local import LocalModel

@@ -60,7 +60,11 @@ def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, examples
     from datasets import Dataset
     from trl import SFTConfig, SFTTrainer
 
-    packed = dict(per_device_train_batch_size=1, max_length=None, remove_unused_columns=False) if config.pack else {}
+    # One pack a batch, so no padding: its tokens are all its input_ids (counted from the 4D attention mask,
+    # the Trainer's "non_padding" count would be the pack's length squared, and the thread chooser times
+    # steps per token).
+    packed = dict(per_device_train_batch_size=1, max_length=None, remove_unused_columns=False,
+                  include_num_input_tokens_seen="all") if config.pack else {}
     rows = pack(examples, config.batch_size, config.seed) if config.pack else examples
 
     def make_trainer(model: Any, output_dir: Path, callbacks: list[Any]) -> Any:
