@@ -7,7 +7,8 @@ The levers, measured rather than assumed:
 - the prompt without the worked demonstration (the tuned model is then prompted the same way);
 - DPO: the reference log-probs computed once before training instead of at every step;
 - SFT: shared-prefix packing (a batch's common system prompt computed once; same loss), and attention
-  over each piece of a pack instead of the whole pack under a mask;
+  over each piece of a pack instead of the whole pack under a mask, also on packs of 8 (the recipes'
+  batch) of GSM8K and of logic examples;
 - threads when another job holds a core: two fixed threads against the measuring chooser.
 
 Data: real agent rows from the first GSM8K training problems: reference chains (the SFT examples, and
@@ -15,7 +16,8 @@ the chosen side of pairs) against wrong chains built with the same agent and too
 GRPO: the `fol` task with the embedded model's own sampled chains.
 
 Time per row: the worker's training loop (trainer set-up, precomputing included, plus every step;
-model loading and saving excluded: `train_loop_s` in the run card) over the rows it trained on. Peak
+model loading and saving excluded: `train_loop_s` in the run card) over the rows it trained on, each
+epoch counted (the packs-of-8 rows run 2 epochs, so their second step is past the first's warm-up). Peak
 memory: the worker's peak resident set (it is the only child of a small launcher process). Variants run
 one after the other, never together. About 15 minutes on the idle 2-core box.
 """
@@ -50,6 +52,7 @@ class Variant:
     name: str
     options: dict[str, Any]
     rows: int = 0  # rows (pairs, examples, chains) a run trains on
+    data: str = ""  # which exported file it trains on (default: the method's)
     busy_core: bool = False  # another process spins on one core meanwhile
     result: dict[str, Any] = field(default_factory=dict)
 
@@ -61,7 +64,7 @@ def variants(pairs: int, examples: int) -> list[Variant]:
     dpo_now = {"precompute_ref": None}
     dpo_levers = {"score_trained_only": True, "bf16": None, "demo": False}
     steps = {"batch_size": 2, "grad_accum": 1, "epochs": 1.0}
-    full_packs = {"batch_size": 8, "grad_accum": 1, "epochs": 1.0, "threads": 2}
+    full_packs = {"batch_size": 8, "grad_accum": 1, "epochs": 2.0, "threads": 2}
     return [
         Variant("dpo", "before: fp32, demo in the prompt, reference every step, LM head on every position",
                 dpo_before | steps, pairs),
@@ -88,9 +91,12 @@ def variants(pairs: int, examples: int) -> list[Variant]:
                                                                 "bf16": None, "demo": False} | steps, examples),
         Variant("sft", "+ shared-prefix packing, threads by measuring", steps | {"attend_by_piece": False}, examples),
         Variant("sft", "+ attention piece by piece within each pack (the defaults now)", steps, examples),
-        Variant("sft", "packs of 8 (batch 8, as the recipes train), 2 threads: attention over the whole pack, masked",
-                full_packs | {"attend_by_piece": False}, examples),
-        Variant("sft", "packs of 8, 2 threads: attention piece by piece (the default)", full_packs, examples),
+        Variant("sft", "GSM8K packs of 8 (batch 8, as the recipes train), 2 threads, 2 epochs: attention over the "
+                "whole pack, masked", full_packs | {"attend_by_piece": False}, examples),
+        Variant("sft", "GSM8K packs of 8: attention piece by piece (the default)", full_packs, examples),
+        Variant("sft", "logic packs of 8 (fol + folio-fol, the headline's mix): attention over the whole pack, masked",
+                full_packs | {"attend_by_piece": False}, examples, data="logic"),
+        Variant("sft", "logic packs of 8: attention piece by piece (the default)", full_packs, examples, data="logic"),
         Variant("grpo", "defaults (group of 4, 1 problem a step, demo as the base model)",
                 {"num_generations": 4, "grad_accum": 1, "max_steps": 3, "limit": 3}, 12),
     ]
@@ -123,8 +129,9 @@ def wrong_chain(task: Any, problem: Any, index: int) -> Any:
     return finish(task, problem, chain)
 
 
-def build_data(folder: Path, count: int) -> tuple[Path, Path]:
-    """`count` GSM8K pairs and SFT examples, exported the way `fcapp pairs` / `fcapp examples` do."""
+def build_data(folder: Path, count: int) -> dict[str, Path]:
+    """`count` GSM8K pairs and SFT examples, and `count` logic SFT examples (half `fol`, half `folio-fol`
+    reference chains), exported the way `fcapp pairs` / `fcapp examples` do."""
     from fcapp.solve import reference_chain
     from fcapp.store import Store
     from fcapp.tasks import get_task
@@ -145,10 +152,17 @@ def build_data(folder: Path, count: int) -> tuple[Path, Path]:
         store.add_chain(good, True, role="reference")
         store.add_chain(bad, False)
         added += 1
-    pairs, examples = folder / "pairs.jsonl", folder / "examples.jsonl"
-    make_pairs(store, "gsm8k", pairs, PairPolicy(max_pairs_per_problem=1))
-    make_examples(store, ["gsm8k"], examples)
-    return pairs, examples
+    for name in ("fol", "folio-fol"):
+        logic = get_task(name)
+        for problem in logic.split("train")[:count // 2]:
+            chain = reference_chain(logic, problem)
+            if chain and chain.verdict:
+                store.add_chain(chain, True, role="reference")
+    files = {"dpo": folder / "pairs.jsonl", "sft": folder / "examples.jsonl", "logic": folder / "logic.jsonl"}
+    make_pairs(store, "gsm8k", files["dpo"], PairPolicy(max_pairs_per_problem=1))
+    make_examples(store, ["gsm8k"], files["sft"])
+    make_examples(store, ["fol", "folio-fol"], files["logic"])
+    return files
 
 
 # ---- one run, under its own launcher ---------------------------------------------------------------------
@@ -178,7 +192,7 @@ def run_variant(variant: Variant, index: int, folder: Path, data: dict[str, Path
     if variant.method == "grpo":
         config = TrainConfig(name=f"bench-{index}", method="grpo", task="fol", out_dir=str(out), **options)
     else:
-        config = TrainConfig(name=f"bench-{index}", method=variant.method, data=str(data[variant.method]),
+        config = TrainConfig(name=f"bench-{index}", method=variant.method, data=str(data[variant.data or variant.method]),
                              out_dir=str(out), save_steps=10_000, **options)
     path = folder / f"{index}.json"
     path.write_text(json.dumps(config.to_dict()))
@@ -201,7 +215,8 @@ def run_variant(variant: Variant, index: int, folder: Path, data: dict[str, Path
     steps = [b - a for a, b in zip([0.0] + elapsed, elapsed)]
     rows = variant.rows if variant.method == "grpo" else card["data"]["used"]
     loop = card["metrics"]["train_loop_s"]
-    return {"loop_s": loop, "per_row": loop / rows, "steps": steps, "rows": rows, "peak": report["peak"],
+    passes = rows * options.get("epochs", 1.0) if variant.method != "grpo" else rows
+    return {"loop_s": loop, "per_row": loop / passes, "steps": steps, "rows": rows, "peak": report["peak"],
             "tokens": log_rows[-1].get("num_input_tokens_seen") or log_rows[-1].get("num_tokens"),
             "losses": [r["loss"] for r in log_rows], "bf16": card["config"]["bf16"],
             "reward": [r.get("reward") for r in log_rows] if variant.method == "grpo" else None}
@@ -253,12 +268,12 @@ def run(rows: int = 6, only: str | None = None) -> tuple[dict[str, str], list[Va
     with tempfile.TemporaryDirectory(prefix="fcapp-train-bench-") as tmp:
         folder = Path(tmp)
         os.environ["FCAPP_HOME"] = str(folder / "home")  # no user functions or models from the real home
-        log(f"building {rows} GSM8K pairs and SFT examples")
-        pairs, examples = build_data(folder, rows)
+        log(f"building {rows} GSM8K pairs and SFT examples, {rows} logic SFT examples")
+        data = build_data(folder, rows)
         runs = [v for v in variants(rows, rows) if only in (None, v.method)]
         for index, variant in enumerate(runs):
             log(f"{variant.method}: {variant.name}")
-            variant.result = run_variant(variant, index, folder, {"dpo": pairs, "sft": examples})
+            variant.result = run_variant(variant, index, folder, data)
             log(f"  {variant.result['per_row']:.2f} s per {UNIT[variant.method]}, peak {variant.result['peak'] / GB:.2f} GB")
     info["load average at end"] = " ".join(f"{x:.1f}" for x in os.getloadavg())
     return info, runs

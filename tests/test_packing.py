@@ -66,13 +66,19 @@ def test_a_pack_holds_the_shared_prompt_once_and_gives_the_same_loss_and_gradien
     assert torch.allclose(grads[0], grads[1], rtol=1e-3, atol=1e-6)
 
 
-def test_packed_attention_attends_piece_by_piece_to_what_the_dense_mask_gives(tokenizer):
-    """Two packs of unequal length in one batch (the shorter padded): attention computed piece by piece from
-    the packs' segments gives the loss and gradient of SDPA over the dense 4D mask, and needs no mask."""
+@pytest.mark.parametrize("pieces_pay_below", [1.0, 0.0], ids=["piece-by-piece", "whole-row-fallback"])
+def test_packed_attention_attends_piece_by_piece_to_what_the_dense_mask_gives(tokenizer, monkeypatch,
+                                                                              pieces_pay_below):
+    """Two packs of unequal length in one batch (the shorter padded): attention computed from the packs'
+    segments, piece by piece or (where pieces would not pay) over the whole row, gives the loss and
+    gradient of SDPA over the collator's dense 4D mask, and needs no mask."""
     from transformers import AutoModelForCausalLM
 
     from fcapp.models.registry import resolve_model_path
+    from fcapp.training import packing
     from fcapp.training.packing import register_packed_attention
+
+    monkeypatch.setattr(packing, "PIECES_PAY_BELOW", pieces_pay_below)
 
     rows = examples(tokenizer, [("fol", f"fol-0-{i}") for i in range(5)])
     packs = pack(rows, per_pack=3)
