@@ -52,8 +52,8 @@ class Variant:
     name: str
     options: dict[str, Any]
     rows: int = 0  # rows (pairs, examples, chains) a run trains on
-    data: str = ""  # which exported file it trains on (default: the method's)
     busy_core: bool = False  # another process spins on one core meanwhile
+    data: str = ""  # which exported file it trains on (default: the method's)
     result: dict[str, Any] = field(default_factory=dict)
 
 
