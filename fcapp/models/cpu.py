@@ -84,34 +84,11 @@ class QuantisedWeight:
             self.nbytes = out * inputs // 2 + self.scales.numel() * 2
         else:
             raise ValueError(f"weights quantise to 8 or 4 bits, not {bits}")
-        self.parts: list[int] = []  # the first column of each Linear quantised into this weight
-        self._held: tuple[torch.Tensor, torch.Tensor, set[int]] | None = None  # see `columns`
-
-    def takes(self, rows: int) -> bool:
-        """Whether a pass of `rows` rows runs on this weight: int8 always (FBGEMM's kernel is 3-4x
-        faster than fp32's for prompts too), int4 up to MOST_ROWS (its kernel grows with the rows)."""
-        return self.bits == 8 or rows <= MOST_ROWS
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return torch.ops.quantized.linear_dynamic(x, self.packed, True)
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales).float()
-
-    def columns(self, x: torch.Tensor, part: slice) -> torch.Tensor:
-        """The columns `part` of x [..., in] times the whole (grouped) weight. transformers calls a
-        group's Linears (q, k, v; gate, up) one after another on the same input tensor: the whole
-        product is kept for the other parts, each taking its columns once, so the group's matmul runs
-        once a pass."""
-        held = self._held
-        if held is not None and held[0] is x and part.start in held[2]:
-            held[2].discard(part.start)
-            if not held[2]:
-                self._held = None
-            return held[1][..., part]
-        out = self.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
-        others = {start for start in self.parts if start != part.start}
-        self._held = (x, out, others) if others else None
-        return out[..., part]
 
 
 def quantise_for_decode(model: torch.nn.Module, precision: str) -> None:
@@ -133,7 +110,6 @@ def quantise_for_decode(model: torch.nn.Module, precision: str) -> None:
         start = 0
         for linear in group:
             linear.decode_weight, linear.decode_columns = weight, slice(start, start + linear.out_features)
-            weight.parts.append(start)
             linear.forward = types.MethodType(_quantised_forward, linear)
             start += linear.out_features
 
@@ -153,16 +129,15 @@ def _same_input_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
 
 
 def _quantised_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """A pass through the quantised weight where its kernel pays (`QuantisedWeight.takes`), its input
-    and output fp32 like the rest of the model; else through the fp32 weight. The Linears of a group
-    share one product of their input (`QuantisedWeight.columns`), each keeping its columns."""
+    """A decoding pass (at most MOST_ROWS rows) through the quantised weight, its input and output
+    fp32 like the rest of the model; more rows (a prompt) through the fp32 weight."""
     rows = x.numel() // x.shape[-1]
-    if not self.decode_weight.takes(rows):
+    if rows > MOST_ROWS:
         return _few_rows_forward(self, x)
-    out = self.decode_weight.columns(x, self.decode_columns)
+    out = self.decode_weight.matmul(x.reshape(rows, self.in_features))[:, self.decode_columns]
     if self.bias is not None:
         out = out + self.bias
-    return out
+    return out.reshape(*x.shape[:-1], self.out_features)
 
 
 def decode_bytes(model: torch.nn.Module) -> int:
