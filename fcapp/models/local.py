@@ -27,6 +27,13 @@ from fcapp.models.kv_cache import KVState, common_prefix
 from fcapp.models.registry import model_id, resolve_model_path, split_precision
 
 T = TypeVar("T")
+# What an encoding pass costs beyond its tokens, in tokens: reading every weight once, the per-layer
+# calls, attention over the cache. Measured on the 2-core box (540-token prompt, n new tokens): a pass
+# costs about (n + 37) tokens' worth on one thread and (n + 53) on two, so per (n + 40) the passes of
+# an agent's steps (a 540-token prompt, then ~14-47-token tool results) cost alike, within about 20%
+# (per token alone they differ 3x, and the thread chooser compared passes of different sizes, not
+# thread counts).
+PASS_TOKENS = 40
 
 
 def _steps_in_inference_mode(decode: Callable[..., Iterator[T]]) -> Callable[..., Iterator[T]]:
@@ -282,10 +289,12 @@ class LocalModel:
             torch.set_num_threads(restore)
 
     def _encoding_pass(self, run: Callable[[], torch.Tensor]) -> torch.Tensor:
-        """Run a pass that encodes prompts (`_prefill`, `_start_rows`), timed per token encoded."""
+        """Run a pass that encodes prompts (`_prefill`, `_start_rows`), timed per token encoded plus
+        the pass's own cost (`PASS_TOKENS`)."""
         encoded = self.stats.encoded_tokens
         threads = self._threads("prefill")
-        logits, seconds = self._timed("prefill", threads, run, lambda: self.stats.encoded_tokens - encoded)
+        logits, seconds = self._timed("prefill", threads, run,
+                                      lambda: self.stats.encoded_tokens - encoded + PASS_TOKENS)
         self.stats.prefill_s += seconds
         return logits
 
