@@ -13,7 +13,6 @@ from typing import Any, Callable
 from fcapp.records import Message
 from fcapp.training.config import TrainConfig
 from fcapp.training.folder import RunFolder, read_json, read_log
-from fcapp.training.packing import register_packed_attention
 
 
 def score_trained_positions_only() -> None:
@@ -84,15 +83,14 @@ def lora(config: TrainConfig) -> Any:
                       target_modules=config.lora_targets, task_type="CAUSAL_LM")
 
 
-def load_model(path: str, config: TrainConfig) -> Any:
+def load_model(path: str, config: TrainConfig, attention: str | None = None) -> Any:
     """fp32 weights (bf16=True is autocast: AdamW on bf16 weights would round away updates as small as a
-    preference-tuning learning rate), except a frozen LoRA base on a GPU, which bf16 halves. With `pack` and
-    `attend_by_piece`, attention runs piece by piece over the packs (packing.packed_attention)."""
+    preference-tuning learning rate), except a frozen LoRA base on a GPU, which bf16 halves. `attention`: an
+    attention implementation registered by name (SFT's packs: packing.packed_attention), else transformers'."""
     import torch
     from transformers import AutoModelForCausalLM
 
     frozen_bf16 = torch.cuda.is_available() and use_bf16(config) and config.adapter == "lora"
-    attention = register_packed_attention() if config.pack and config.attend_by_piece else None
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16 if frozen_bf16 else torch.float32,
                                                 attn_implementation=attention)
 
@@ -224,12 +222,13 @@ def thread_callback(config: TrainConfig) -> Any:
 
 def run_stage(config: TrainConfig, folder: RunFolder, stage: str, base_path: str, tokenizer: Any, target: Path,
               make_trainer: Callable[[Any, Path, list[Any]], Any], checkpoints: Path | None = None,
-              card: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
+              card: dict[str, Any] | None = None, extra: dict[str, Any] | None = None,
+              attention: str | None = None) -> tuple[int, dict[str, Any]]:
     """Run one trainer (`make_trainer(model, output_dir, callbacks)`) from `base_path` and save its model to
     `target`; returns (global step, the last logged metrics plus `train_loop_s`, the trainer's set-up and steps
     without model loading and saving). With a `checkpoints` folder the stage checkpoints there and resumes from
     it (config.resume), its log lines after the checkpoint dropped; without one (a warm-up, a round) a killed
-    stage is redone. Log lines carry `stage` and `extra`."""
+    stage is redone. Log lines carry `stage` and `extra`; the model loads with `attention` (see load_model)."""
     run_dir = checkpoints or folder.out / f".{stage}-run"
     checkpoint = last_checkpoint(checkpoints, folder.main) if checkpoints and config.resume else None
     resumed = int(checkpoint.name.rsplit("-", 1)[-1]) if checkpoint else 0
@@ -240,7 +239,7 @@ def run_stage(config: TrainConfig, folder: RunFolder, stage: str, base_path: str
     previous = [r for r in read_log(folder.log_path) if r.get("stage") == stage]
     callback = run_callback(folder, stage, previous[-1]["elapsed_s"] if previous else 0.0,
                             checkpoint_on_stop=checkpoints is not None, extra=extra)
-    model = load_model(base_path, config)
+    model = load_model(base_path, config, attention)
     began = time.monotonic()
     trainer = make_trainer(model, run_dir, [c for c in (callback, thread_callback(config)) if c is not None])
     callback.accelerator = trainer.accelerator

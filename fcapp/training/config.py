@@ -76,10 +76,10 @@ class TrainConfig:
     pack: bool = option(True, "compute a shared prompt once: SFT packs each batch into one sequence holding the "
                               "system prompt once, DPO each pair's prompt once for both completions (same loss, "
                               "fewer tokens computed)", methods=("sft", "dpo", "grpo", "rounds"))
-    attend_by_piece: bool = option(True, "with pack: attention runs over each piece of a pack (the shared prompt, "
-                                         "then each example's own part with it) instead of over the whole pack "
-                                         "with a mask; same result, SFT steps ~1.4x faster",
-                                   methods=("sft", "dpo", "grpo", "rounds"))
+    attend_by_piece: bool = option(True, "with pack: attention runs over each piece of an SFT pack (the shared "
+                                         "prompt, then each example's own part with it) instead of over the whole "
+                                         "pack with a mask; same result, SFT steps ~1.4x faster",
+                                   methods=("sft", "rounds"))
     save_steps: int = option(50, "checkpoint interval in steps (the last two are kept)")
     seed: int = option(0, "seed of the data order, dropout and sampling")
     bf16: bool | None = option(None, "bf16 autocast (fp32 master weights); default: on where it is faster "

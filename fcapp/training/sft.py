@@ -11,7 +11,7 @@ from typing import Any
 from fcapp.training.common import checkpointing, fit_length, lora, run_stage, trainer_args, training_prompt
 from fcapp.training.config import TrainConfig
 from fcapp.training.folder import RunFolder
-from fcapp.training.packing import PackedCollator, pack
+from fcapp.training.packing import PackedCollator, pack, register_packed_attention
 from fcapp.training.tokens import tokenize_chain
 
 
@@ -74,4 +74,6 @@ def train_stage(config: TrainConfig, folder: RunFolder, base_path: str, examples
                           data_collator=PackedCollator(tokenizer.pad_token_id or 0) if config.pack else None,
                           callbacks=callbacks, peft_config=lora(config))
 
-    return run_stage(config, folder, stage, base_path, tokenizer, target, make_trainer, checkpoints, card, extra)
+    attention = register_packed_attention() if config.pack and config.attend_by_piece else None
+    return run_stage(config, folder, stage, base_path, tokenizer, target, make_trainer, checkpoints, card, extra,
+                     attention)
