@@ -132,7 +132,8 @@ def packed_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
     to the prefix and causally to itself; padding after the last rest gets zeros (it is never attended to
     nor trained on). The result is the dense masked attention's, computed over a few hundred keys a query
     instead of the whole pack. A row whose pieces would save little (PIECES_PAY_BELOW) runs one masked call
-    over the whole row instead. A call without `segments` (any unpacked batch) is transformers' SDPA."""
+    over the whole row instead, under the collator's mask when the batch carries it (else built from the
+    segments). A call without `segments` (any unpacked batch) is transformers' SDPA."""
     import torch
     from torch.nn.functional import scaled_dot_product_attention as sdpa
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
@@ -148,8 +149,8 @@ def packed_attention(module: Any, query: Any, key: Any, value: Any, attention_ma
         q, k, v = query[b:b + 1], key[b:b + 1], value[b:b + 1]
         pieces_work, whole_work = attention_work([prefix, *rests])
         if pieces_work > PIECES_PAY_BELOW * whole_work:
-            rows.append(sdpa(q, k, v, attn_mask=pack_mask([prefix, *rests], q.size(2)).to(q.device),
-                             dropout_p=dropout, scale=scaling))
+            whole = attention_mask[b:b + 1] if attention_mask is not None else pack_mask([prefix, *rests], q.size(2))
+            rows.append(sdpa(q, k, v, attn_mask=whole.to(q.device), dropout_p=dropout, scale=scaling))
             continue
         pieces = [sdpa(q[:, :, :prefix], k[:, :, :prefix], v[:, :, :prefix], dropout_p=dropout, is_causal=True,
                        scale=scaling)] if prefix else []
