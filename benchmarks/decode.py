@@ -29,7 +29,7 @@ from fcapp.batching import solve_batch
 from fcapp.models.base import Message
 from fcapp.models import llama_step
 from fcapp.models.cpu import decode_bytes, lay_out_for_decode
-from fcapp.models.local import LocalModel
+from fcapp.models.local import DRAFT_TOKENS, LocalModel
 from fcapp.models.registry import PRECISIONS, embedded_gguf, embedded_model_dir, gguf_to_folder
 from fcapp.records import Chain
 from fcapp.solve import SolveConfig, solve, start_chain
@@ -208,6 +208,42 @@ def run_chain(model: LocalModel, task: Task, problem: Problem, prefix_cache: boo
     return time.perf_counter() - began, rate, chain
 
 
+def one_token_passes(model: LocalModel) -> LocalModel:
+    """`model` decoding one token a pass: the rows that time decode passes or count tokens per pass
+    measure that loop; drafted runs (a lone greedy row checking prompt-lookup guesses) have their own."""
+    model.draft_tokens = 0
+    return model
+
+
+def drafting_rows(model: LocalModel) -> list[Row]:
+    """Greedy chains of three tasks (the first 4 problems of each, step limit 5), solved with drafted
+    runs and with one token a pass, in turns: wall time, decode time and passes, and whether the
+    chains are the same."""
+    rows = []
+    for name in ("fol", "folio", "gsm8k"):
+        task = get_task(name)
+        problems = task.problems()[:4]
+
+        def solved(draft: int) -> tuple[float, float, int, list[Chain]]:
+            model.draft_tokens, stats = draft, model.stats
+            model.clear_cache()
+            passes, decode, began = stats.decode_steps, stats.decode_s, time.perf_counter()
+            try:
+                chains = [solve(task, problem, model, SolveConfig(max_steps=5, max_new_tokens=200)) for problem in problems]
+            finally:
+                model.draft_tokens = 0
+            return time.perf_counter() - began, stats.decode_s - decode, stats.decode_steps - passes, chains
+
+        drafted, plain = paired(lambda: solved(DRAFT_TOKENS), lambda: solved(0), key=seconds_of)
+        same = [record(c) for c in drafted[3]] == [record(c) for c in plain[3]]
+        tokens = sum(step.completion_tokens for chain in plain[3] for step in chain.steps)
+        rows.append(Row(f"{name}: 4 greedy chains, drafted runs ({DRAFT_TOKENS} guesses) vs one token a pass",
+                        f"{drafted[0]:.1f} vs {plain[0]:.1f} s; decode {drafted[1]:.1f} s in {drafted[2]} passes vs "
+                        f"{plain[1]:.1f} s in {plain[2]}, {tokens} tokens; chains identical: {'yes' if same else 'NO'}",
+                        f"{plain[0] / drafted[0]:.2f}x"))
+    return rows
+
+
 def raw_replay(model: LocalModel, chain: Chain) -> float:
     """Seconds for the bare loop to produce the chain's tokens: each step's prompt (tokenised
     beforehand, the cache reused as the agent does) and as many greedy tokens as that step made."""
@@ -250,7 +286,7 @@ def run(llama: Path | None = None) -> tuple[dict[str, str], list[Row]]:
     rows.append(Row("model load: cached folder vs converting the GGUF", f"{converted:.1f} s vs {cached:.2f} s",
                     f"{converted / cached:.1f}x", ">= 5x", converted / cached >= 5))
 
-    model = LocalModel(threads=1)
+    model = one_token_passes(LocalModel(threads=1))
     weights = sum(p.numel() * p.element_size() for p in model.model.parameters())
     ids = model.encode(first_prompt(task, problem))
 
@@ -297,6 +333,9 @@ def run(llama: Path | None = None) -> tuple[dict[str, str], list[Row]]:
                         f"{off[0]:.1f} s vs {on[0]:.1f} s, chains identical: {'yes' if same else 'NO'}",
                         f"{off[0] / on[0]:.2f}x", ">= 1.5x", off[0] / on[0] >= 1.5 and same))
 
+        log("greedy chains: drafted runs vs one-token passes")
+        rows += drafting_rows(model)
+
         log("agent loop vs the bare loop")
         agent, raw = paired(lambda: run_chain(model, task, problem)[:2], lambda: (raw_replay(model, chain), 0.0))
         overhead = agent[0] / raw[0] - 1
@@ -313,7 +352,7 @@ def run(llama: Path | None = None) -> tuple[dict[str, str], list[Row]]:
                         f"{plain / bound * 100:.1f}%"))
 
         log("threads chosen by measurement")
-        chosen, fixed = paired(lambda: run_chain(LocalModel(), task, problem),  # threads=None: the default
+        chosen, fixed = paired(lambda: run_chain(one_token_passes(LocalModel()), task, problem),  # threads=None: the default
                                lambda: run_chain(model, task, problem), key=seconds_of)
         rows.append(Row(f"chain with threads chosen by measurement vs fixed at the best ({threads})",
                         f"{chosen[0]:.2f} s vs {fixed[0]:.2f} s", f"{chosen[0] / fixed[0] - 1:+.1%}"))

@@ -172,3 +172,32 @@ def test_the_hand_written_decode_pass_changes_no_chain(small_model):
     finally:
         small_model.hand_written_decode = True
     assert [record(solve(task, p, small_model, GREEDY)) for p in problems] == theirs
+
+
+def test_drafted_runs_change_no_chain_and_take_fewer_passes(small_model):
+    """A lone greedy row checks prompt-lookup guesses of its next tokens in one pass (a FOL reply copies
+    the conclusion's formula into `check`) and keeps only greedy decoding's own clear choices, so its
+    chains are those of one-token passes, made in fewer passes."""
+    from fcapp.models.local import DRAFT_TOKENS
+
+    fol, gsm8k = get_task("fol"), get_task("gsm8k")
+    jobs = [(fol, fol.problems()[0]), (fol, fol.problems()[1]), (gsm8k, gsm8k.get("gsm8k-1"))]
+    stats = small_model.stats
+
+    def solved() -> tuple[list[tuple], int]:
+        small_model.clear_cache()
+        passes = stats.decode_steps
+        chains = [record(solve(task, problem, small_model, GREEDY)) for task, problem in jobs]
+        return chains, stats.decode_steps - passes
+
+    small_model.draft_tokens = 0
+    try:
+        one_token, one_token_passes = solved()
+    finally:
+        small_model.draft_tokens = DRAFT_TOKENS
+    kept = stats.kept_drafts
+    drafted, drafted_passes = solved()
+
+    assert drafted == one_token
+    assert stats.kept_drafts > kept
+    assert drafted_passes < one_token_passes

@@ -235,11 +235,12 @@ class KVState:
         return joined
 
     def feed(self, model: torch.nn.Module, suffixes: list[list[int]], pad_id: int,
-             hand_written: bool = True) -> torch.Tensor:
+             hand_written: bool = True, every: bool = False) -> torch.Tensor:
         """Append each row's new tokens (right-aligned; shorter rows get masked pads first) and return
         the logits after each row's last token, [rows, vocab]. A pass of one token per row runs
         `llama_step.decode_pass` where it supports the model, unless `hand_written` is off; it reads
-        the `shared` columns' keys and values once for all rows."""
+        the `shared` columns' keys and values once for all rows. `every`: one row's tokens (a drafted
+        run), through `decode_pass`; the logits after each of them, [tokens, vocab]."""
         rows, start = len(suffixes), self.width
         new = max(len(s) for s in suffixes)
         device = model.device
@@ -262,7 +263,11 @@ class KVState:
             own = columns[None, :] == query[:, None]  # a pad sees itself: no all-masked row, no NaN
             mask = ((valid[:, None, None, :] & causal) | own).to(device)
         try:
-            if new == 1 and hand_written and llama_step.supports(model):
+            if every:
+                assert rows == 1 and mask is None and llama_step.supports(model), "a drafted run is one packed row"
+                logits = llama_step.decode_pass(model, ids.to(device), positions.to(device), None, self.cache)
+                logits = logits[0] if new > 1 else logits
+            elif new == 1 and hand_written and llama_step.supports(model):
                 shared = self.shared if rows > 1 else 0
                 logits = llama_step.decode_pass(model, ids.to(device), positions.to(device), mask, self.cache, shared)
             else:

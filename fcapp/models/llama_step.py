@@ -103,31 +103,40 @@ def _attention_sharing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 cache: Cache, shared: int = 0) -> torch.Tensor:
-    """The logits [rows, vocab] after one new token per row. ids, positions: [rows, 1]; mask: None (one
-    row, every column real) or boolean [rows, 1, 1, columns], True where the row may attend (the cache's
-    columns and the new one); `cache`'s layers get each row's new keys and values. `shared`: how many
+    """The logits after the new tokens: [rows, vocab] after one new token per row, or [1, new, vocab]
+    after each of one row's `new` tokens (a drafted run being checked, fcapp.models.drafting). ids,
+    positions: [rows, new]; mask: None (one row, every column real; its new tokens attend causally)
+    or, with one new token per row, boolean [rows, 1, 1, columns], True where the row may attend (the
+    cache's columns and the new one); `cache`'s layers get the new keys and values. `shared`: how many
     leading cache columns every row holds alike (see `_attention_sharing`)."""
     config = model.config
-    rows = ids.shape[0]
+    rows, new = ids.shape
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
     x = model.model.embed_tokens(ids)
     cos, sin = model.model.rotary_emb(x, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     signed_sin = torch.cat((-sin[..., :head_dim // 2], sin[..., head_dim // 2:]), dim=-1)
+    causal = None
+    if new > 1:  # query i sees the cache and the new tokens up to its own
+        columns = cache.get_seq_length() + new
+        causal = torch.ones(new, columns, dtype=torch.bool, device=ids.device).tril(columns - new)
     for index, layer in enumerate(_layers_of(model)):
-        qkv = _projected(layer.qkv, _norm(layer.input_norm, x)).view(rows, 1, -1, head_dim).transpose(1, 2)
+        qkv = _projected(layer.qkv, _norm(layer.input_norm, x)).view(rows, new, -1, head_dim).transpose(1, 2)
         qk = _rotated(qkv[:, :heads + kv_heads], cos, signed_sin)
         k, v = cache.update(qk[:, heads:], qkv[:, heads + kv_heads:], index)
         if mask is None:
-            o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, scale=layer.scaling, enable_gqa=True)
+            o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, attn_mask=causal,
+                                                                 scale=layer.scaling, enable_gqa=True)
         else:  # transformers' sdpa path for one query: the query heads of a key head as its rows
             q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
             if shared >= SHARED_MIN:
                 o = _attention_sharing(q, k, v, mask, shared, layer.scaling)
             else:
                 o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
-        x = x + layer.o_proj(o.reshape(rows, heads, 1, head_dim).transpose(1, 2).reshape(rows, 1, heads * head_dim))
+        o = o.reshape(rows, heads, new, head_dim).transpose(1, 2).reshape(rows, new, heads * head_dim)
+        x = x + layer.o_proj(o)
         gate, up = _projected(layer.gate_up, _norm(layer.post_norm, x)).chunk(2, dim=-1)
         x = x + layer.down_proj(layer.act_fn(gate) * up)
-    return model.lm_head(_norm(model.model.norm, x))[:, -1]
+    logits = model.lm_head(_norm(model.model.norm, x))
+    return logits[:, -1] if new == 1 else logits

@@ -23,6 +23,8 @@ from transformers.cache_utils import get_layer_types_and_kwargs
 
 from fcapp.models.base import Chunk, Completion, Message, ModelError, Request, SamplingParams
 from fcapp.models.cpu import ThreadChooser, lay_out_for_decode, quantise_for_decode
+from fcapp.models import llama_step
+from fcapp.models.drafting import lookup_draft, trusted_positions
 from fcapp.models.kv_cache import KVState, common_prefix
 from fcapp.models.registry import model_id, resolve_model_path, split_precision
 
@@ -87,8 +89,10 @@ class DecodeStats:
     prompt_tokens: int = 0   # prompt tokens of all requests
     encoded_tokens: int = 0  # of those, the ones run through the model (the rest came from the cache)
     prefill_s: float = 0.0
-    decode_steps: int = 0    # forward passes of one new token per row
+    decode_steps: int = 0    # decoding passes: one new token per row, or one row's drafted run
     decode_s: float = 0.0
+    drafted_tokens: int = 0  # tokens guessed by prompt lookup and checked (fcapp.models.drafting)
+    kept_drafts: int = 0     # of those, the ones kept: greedy decoding's own choice
 
 
 class _Row:
@@ -115,6 +119,9 @@ class _Row:
 
 Refill = Callable[[int, _Row], tuple[list[int], SamplingParams] | None]
 """Given a finished row (its index and state), the prompt and params that row goes on with, or None."""
+
+
+DRAFT_TOKENS = 6  # prompt-lookup guesses checked per pass when one greedy row decodes (fcapp.models.drafting)
 
 
 class LocalModel:
@@ -149,6 +156,8 @@ class LocalModel:
         if precision != "fp32":
             quantise_for_decode(model, precision)
         self._attach(model, tokenizer, model_id(spec), path, prefix_cache, threads)
+        if precision != "fp32":  # a quantised pass's rounding depends on its rows: runs would change chains
+            self.draft_tokens = 0
 
     @classmethod
     def around(cls, model: torch.nn.Module, tokenizer, name: str, threads: int | None = None) -> "LocalModel":
@@ -168,6 +177,7 @@ class LocalModel:
         self._layers = len(layer_types)
         self.prefix_cache = prefix_cache
         self.hand_written_decode = True  # one-token passes by fcapp.models.llama_step where it fits
+        self.draft_tokens = DRAFT_TOKENS  # a lone greedy row checks this many guessed tokens a pass (0: off)
         self.threads = threads
         auto = threads is None and self.device == "cpu"
         self._choosers = {kind: ThreadChooser(torch.get_num_threads()) for kind in ("prefill", "decode")} if auto else {}
@@ -259,11 +269,14 @@ class LocalModel:
         iterator between steps leaves the cache consistent."""
         rows = [_Row(p, len(ids)) for p, ids in zip(params, prompts)]
         live = list(range(len(rows)))  # the row each cache row holds
+        ahead: list[torch.Tensor] = []  # logits [1, vocab] of a drafted run's positions not yet picked from
         restore = torch.get_num_threads()
         try:
             logits = self._encoding_pass(lambda: self._prefill(prompts))
             while True:
                 ended = self._pick(logits, [(i, rows[i]) for i in live], stop_when)
+                if ended:
+                    ahead = []
                 starts: dict[int, list[int]] = {}
                 for i in ended if refill else []:
                     request = refill(i, rows[i])
@@ -276,8 +289,16 @@ class LocalModel:
                 if len(running) <= len(live) // 2:  # half the batch is idle: set those rows aside
                     live = [live[j] for j in running]
                     self._set_aside(running)
+                if ahead:  # a drafted run's next position: its logits are already computed
+                    logits = ahead.pop(0)
+                    continue
                 decoding = [not rows[i].done and i not in starts for i in live]
-                if any(decoding):
+                drafting = (self.draft_tokens > 0 and self.hand_written_decode and len(live) == 1 and decoding[0]
+                            and rows[live[0]].params.temperature <= 0)
+                ahead = self._drafted_run(rows[live[0]].generated[-1]) if drafting else []
+                if ahead:
+                    logits = ahead.pop(0)
+                elif any(decoding):
                     logits = self._step([rows[i].generated[-1:] if on else [] for i, on in zip(live, decoding)])
                 if starts:
                     targets = [live.index(i) for i in starts]
@@ -306,6 +327,28 @@ class LocalModel:
         self.stats.decode_steps += 1
         self.stats.decode_s += seconds
         return logits
+
+    def _drafted_run(self, last: int) -> list[torch.Tensor]:
+        """For the one greedy row: feed its last token and a guess of the next ones (prompt lookup) in
+        one pass; the logits [1, vocab] of the positions to pick from, in order (their greedy choices
+        are the kept guesses, then the token after them), the cache holding the tokens before the
+        last. [] with no guess, or when the pass's first choice was unclear (the cache then as before:
+        a one-token pass decides)."""
+        state = self._state
+        held = len(state.tokens[0])
+        draft = lookup_draft(state.tokens[0] + [last], self.draft_tokens)
+        if not draft or not llama_step.supports(self.model):
+            return []
+        self._threads("decode")  # not timed for the chooser: a run's pass costs more than a one-token pass
+        began = time.perf_counter()
+        logits = state.feed(self.model, [[last] + draft], self.pad_id, every=True)
+        self.stats.decode_steps += 1
+        self.stats.decode_s += time.perf_counter() - began
+        trusted = trusted_positions(logits, draft)
+        self.stats.drafted_tokens += len(draft)
+        self.stats.kept_drafts += max(0, trusted - 1)
+        self._state = state.keep([0], [held + trusted])
+        return [logits[i:i + 1] for i in range(trusted)]
 
     def _start_rows(self, targets: list[int], prompts: list[list[int]]) -> torch.Tensor:
         """Replace cache rows `targets` by rows of `prompts`, each reusing the longest prefix any cache
