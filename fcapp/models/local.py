@@ -331,9 +331,9 @@ class LocalModel:
     def _drafted_run(self, last: int) -> list[torch.Tensor]:
         """For the one greedy row: feed its last token and a guess of the next ones (prompt lookup) in
         one pass; the logits [1, vocab] of the positions to pick from, in order (their greedy choices
-        are the kept guesses, then the token after them), the cache holding the tokens before the
-        last. [] with no guess, or when the pass's first choice was unclear (the cache then as before:
-        a one-token pass decides)."""
+        are the kept guesses, then the token after them). The cache keeps what the run fed but its
+        last pick, as after one-token passes. [] with no guess, or when the pass's first choice was
+        unclear (the cache then as before: a one-token pass decides)."""
         state = self._state
         held = len(state.tokens[0])
         draft = lookup_draft(state.tokens[0] + [last], self.draft_tokens)
