@@ -201,3 +201,23 @@ def test_drafted_runs_change_no_chain_and_take_fewer_passes(small_model):
     assert drafted == one_token
     assert stats.kept_drafts > kept
     assert drafted_passes < one_token_passes
+
+
+def test_a_lone_row_with_holes_decodes_one_token_a_pass_as_it_would_alone(small_model):
+    """A slot whose long reply is replaced by a slightly shorter conversation keeps the old columns on
+    its right as masked holes (repacked only past a quarter wasted); a drafted run's pass has no mask,
+    so that row decodes one token a pass, and its reply is the one it has alone."""
+    greedy = SamplingParams(max_new_tokens=24)
+    long_one = [{"role": "user", "content": "Repeat after me: one two three, one two three, one two three."}]
+    shorter = [{"role": "user", "content": "Repeat after me: one two three, one two three."}]
+    alone = small_model.generate_batch([shorter], [greedy])[0].text
+    queue, replies = [long_one, shorter], []
+
+    def requests(slot: int, reply: Completion | None) -> tuple[list[Message], SamplingParams] | None:
+        if reply is not None:
+            replies.append(reply.text)
+        return (queue.pop(0), greedy) if queue else None
+
+    small_model.clear_cache()
+    list(small_model.generate_continuous(requests, slots=1))
+    assert replies[1] == alone

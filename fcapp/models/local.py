@@ -337,8 +337,8 @@ class LocalModel:
         state = self._state
         held = len(state.tokens[0])
         draft = lookup_draft(state.tokens[0] + [last], self.draft_tokens)
-        if not draft or not llama_step.supports(self.model):
-            return []
+        if not draft or not llama_step.supports(self.model) or not bool(state.valid.all()):
+            return []  # (a row with holes, left by a replaced longer row, needs a mask: one token a pass)
         self._threads("decode")  # not timed for the chooser: a run's pass costs more than a one-token pass
         began = time.perf_counter()
         logits = state.feed(self.model, [[last] + draft], self.pad_id, every=True)
