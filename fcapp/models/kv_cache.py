@@ -265,11 +265,11 @@ class KVState:
         try:
             if every:
                 assert rows == 1 and mask is None and llama_step.supports(model), "a drafted run is one packed row"
-                logits = llama_step.decode_pass(model, ids.to(device), positions.to(device), None, self.cache)
-                logits = logits[0] if new > 1 else logits
+                logits = llama_step.decode_pass(model, ids.to(device), positions.to(device), None, self.cache)[0]
             elif new == 1 and hand_written and llama_step.supports(model):
                 shared = self.shared if rows > 1 else 0
-                logits = llama_step.decode_pass(model, ids.to(device), positions.to(device), mask, self.cache, shared)
+                logits = llama_step.decode_pass(model, ids.to(device), positions.to(device), mask, self.cache,
+                                                shared)[:, -1]
             else:
                 logits = model(input_ids=ids.to(device), attention_mask=mask, position_ids=positions.to(device),
                                cache=self.cache, use_cache=True, logits_to_keep=1).logits[:, -1]

@@ -103,12 +103,12 @@ def _attention_sharing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
 
 def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 cache: Cache, shared: int = 0) -> torch.Tensor:
-    """The logits after the new tokens: [rows, vocab] after one new token per row, or [1, new, vocab]
-    after each of one row's `new` tokens (a drafted run being checked, fcapp.models.drafting). ids,
-    positions: [rows, new]; mask: None (one row, every column real; its new tokens attend causally)
-    or, with one new token per row, boolean [rows, 1, 1, columns], True where the row may attend (the
-    cache's columns and the new one); `cache`'s layers get the new keys and values. `shared`: how many
-    leading cache columns every row holds alike (see `_attention_sharing`)."""
+    """The logits [rows, new, vocab] after each new token: one per row, or one row's `new` tokens (a
+    drafted run being checked, fcapp.models.drafting). ids, positions: [rows, new]; mask: None (one
+    row, every column real; its new tokens attend causally) or, with one new token per row, boolean
+    [rows, 1, 1, columns], True where the row may attend (the cache's columns and the new one);
+    `cache`'s layers get the new keys and values. `shared`: how many leading cache columns every row
+    holds alike (see `_attention_sharing`)."""
     config = model.config
     rows, new = ids.shape
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -138,5 +138,4 @@ def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Ten
         x = x + layer.o_proj(o)
         gate, up = _projected(layer.gate_up, _norm(layer.post_norm, x)).chunk(2, dim=-1)
         x = x + layer.down_proj(layer.act_fn(gate) * up)
-    logits = model.lm_head(_norm(model.model.norm, x))
-    return logits[:, -1] if new == 1 else logits
+    return model.lm_head(_norm(model.model.norm, x))
