@@ -176,6 +176,15 @@ def without_sharing(run: Callable[[], float]) -> float:
         llama_step.SHARED_MIN = least
 
 
+def layers_in_python(run: Callable[[], float]) -> float:
+    """`run` with the hand-written pass's layers' loop run by Python instead of TorchScript."""
+    llama_step.SCRIPTED = False
+    try:
+        return run()
+    finally:
+        llama_step.SCRIPTED = True
+
+
 def with_transformers_forward(model: LocalModel, run: Callable[[], float]) -> float:
     """`run` with every pass through transformers' forward instead of the hand-written decode pass."""
     model.hand_written_decode = False
@@ -450,6 +459,7 @@ def precision_rows(fp32: LocalModel, ids: list[int], bandwidth: float, llama: Pa
     for _ in range(2):
         for name, model in models.items():
             keep((name, "decode"), decode_seconds(model, ids) / DECODE)
+            keep((name, "decode python"), layers_in_python(lambda: decode_seconds(model, ids)) / DECODE)
             if llama:  # llama.cpp's tg also decodes from an empty context
                 keep((name, "decode empty"), decode_seconds(model, ids[:1]) / DECODE)
             keep((name, "step"), batch_step(model, ids))
@@ -467,6 +477,9 @@ def precision_rows(fp32: LocalModel, ids: list[int], bandwidth: float, llama: Pa
             Row(f"{name}: decode 1 sequence vs the bandwidth bound of the bytes it reads",
                 f"{rate:.1f} vs {bound:.1f} tok/s ({read / 1e6:.0f} MB a token); {best['fp32', 'decode'] / best[name, 'decode']:.2f}x "
                 f"fp32's rate; same greedy chain as fp32: {same}", f"{rate / bound * 100:.1f}%"),
+            Row(f"{name}: decode 1 sequence, the layers' loop in TorchScript vs in Python (the same logits)",
+                f"{rate:.1f} vs {1 / best[name, 'decode python']:.1f} tok/s",
+                f"{best[name, 'decode python'] / best[name, 'decode']:.2f}x"),
             Row(f"{name}: decode 8 sequences in one step vs 1", f"{8 / best[name, 'step']:.0f} vs {rate:.1f} tok/s "
                 f"({best[name, 'step'] * 1e3:.0f} ms a step)", f"{8 * best[name, 'decode'] / best[name, 'step']:.2f}x"),
             Row(f"{name}: decode step of 8 sequences sharing the prompt: its columns read once vs once a row",

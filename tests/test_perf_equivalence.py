@@ -136,12 +136,12 @@ def test_a_stream_resumed_on_a_new_thread_at_every_token_gives_the_same_reply(sm
     assert "".join(pieces) == expected and len(pieces) > 3
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "int4"])
 def test_the_hand_written_decode_pass_gives_the_logits_of_transformers_forward_to_the_bit(small_model, precision):
     """One row (no mask) and three rows of different lengths (masked holes), two decode passes each: the
-    pass of `llama_step` and transformers' own forward give identical logits and identical caches (with
-    int4, q/k/v and gate/up quantised together, one matmul in the hand-written pass, three and two in
-    transformers')."""
+    pass of `llama_step` and transformers' own forward give identical logits and identical caches (when
+    quantised, q/k/v and gate/up quantised together, one matmul in the hand-written pass, three and two
+    in transformers')."""
     from fcapp.models.kv_cache import KVState
     from fcapp.models.local import LocalModel
 
@@ -161,6 +161,37 @@ def test_the_hand_written_decode_pass_gives_the_logits_of_transformers_forward_t
         assert torch.equal(first, their_first) and torch.equal(second, their_second)
         assert all(torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
                    for a, b in zip(mine.cache.layers, theirs.cache.layers))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "int4"])
+def test_the_decode_layers_run_in_torchscript_with_the_bits_of_the_python_loop(small_model, precision):
+    """The hand-written pass runs its layers' loop compiled by TorchScript (no silent fall-back to Python
+    on this PyTorch), and it computes what the same loop run by Python does, to the bit: one row, a
+    drafted run of four tokens, and three rows sharing a 70-token prompt (shared columns read once)."""
+    from fcapp.models import llama_step
+    from fcapp.models.kv_cache import KVState
+    from fcapp.models.local import LocalModel
+
+    assert isinstance(llama_step._scripted_stack(), torch.jit.ScriptFunction)
+    model = small_model if precision == "fp32" else LocalModel(f"smollm2@{precision}")
+    trunk = [1 + i % 60 for i in range(70)]
+
+    def passes() -> list[torch.Tensor]:
+        one, rows = KVState(model._layers, rows=1), KVState(model._layers, rows=1)
+        with torch.inference_mode():
+            one.feed(model.model, [trunk], model.pad_id)
+            rows.feed(model.model, [trunk], model.pad_id)
+            rows = rows.rows([0, 0, 0], [70, 70, 66])
+            return [one.feed(model.model, [[5]], model.pad_id), one.feed(model.model, [[6, 7, 8, 9]], model.pad_id, every=True),
+                    rows.feed(model.model, [[5], [6], [7]], model.pad_id), rows.feed(model.model, [[8], [9], [10]], model.pad_id)]
+
+    scripted = passes()
+    llama_step.SCRIPTED = False
+    try:
+        in_python = passes()
+    finally:
+        llama_step.SCRIPTED = True
+    assert all(torch.equal(a, b) for a, b in zip(scripted, in_python))
 
 
 def test_the_hand_written_decode_pass_changes_no_chain(small_model):

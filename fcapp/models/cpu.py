@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 import warnings
+from typing import Optional
 
 import torch
 
@@ -27,21 +28,28 @@ def lay_out_for_decode(model: torch.nn.Module) -> None:
 
 
 def _few_rows_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """x @ W for a few rows (decoding) as two half-length reductions in one batched matmul, summed.
-    MKL runs a one-row matmul on a single thread whatever the thread count, but the two matmuls of
-    a batch on two threads: measured on the 2-core box, the weights of a token stream in 16 ms
-    instead of 28 ms and a decode step is 1.4x faster. With one thread, many rows (a prompt) or
-    weights not stored [in, out], the plain matmul."""
-    weight = self.weight
-    rows = x.numel() // x.shape[-1]
-    if rows > 16 or torch.get_num_threads() < 2 or not weight.t().is_contiguous():
-        return torch.nn.functional.linear(x, weight, self.bias)
-    half = self.in_features // 2
-    halves = torch.bmm(x.reshape(rows, 2, half).transpose(0, 1), weight.t().view(2, half, self.out_features))
-    out = halves.sum(0) if self.bias is None else halves.sum(0) + self.bias
-    return out.view(*x.shape[:-1], self.out_features)
+    """The Linear's forward through `few_rows_linear`."""
+    return few_rows_linear(x, self.weight, self.bias, torch.get_num_threads())
 
 
+def few_rows_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], threads: int) -> torch.Tensor:
+    """x @ weight.T (+ bias) for a few rows (decoding) as two half-length reductions in one batched
+    matmul, summed. MKL runs a one-row matmul on a single thread whatever the thread count, but the
+    two matmuls of a batch on two threads: measured on the 2-core box, the weights of a token stream
+    in 16 ms instead of 28 ms and a decode step is 1.4x faster. With one thread, many rows (a
+    prompt), an odd input width or weights not stored [in, out], the plain matmul. Scriptable: the
+    hand-written decode pass (fcapp.models.llama_step) runs it inside TorchScript."""
+    out_features, in_features = weight.shape[0], weight.shape[1]
+    rows = x.numel() // in_features
+    if rows > 16 or threads < 2 or in_features % 2 != 0 or not weight.t().is_contiguous():
+        return torch.nn.functional.linear(x, weight, bias)
+    half = in_features // 2
+    halves = torch.bmm(x.reshape(rows, 2, half).transpose(0, 1), weight.t().view(2, half, out_features))
+    out = halves.sum(0) if bias is None else halves.sum(0) + bias
+    return out.view(list(x.shape[:-1]) + [out_features])
+
+
+Packed8 = torch.classes.quantized.LinearPackedParamsBase  # FBGEMM's packed int8 weight, as TorchScript types it
 GROUP = 32  # int4 group size: the GGUF's Q4_1 blocks, so its layer weights requantise exactly
 MOST_ROWS = 8  # a pass with more rows than this takes the fp32 weights (see `QuantisedWeight`)
 
@@ -87,8 +95,20 @@ class QuantisedWeight:
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
-            return torch.ops.quantized.linear_dynamic(x, self.packed, True)
-        return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), self.packed, GROUP, self.scales).float()
+            return int8_matmul(x, self.packed)
+        return int4_matmul(x, self.packed, self.scales)
+
+
+def int8_matmul(x: torch.Tensor, packed: Packed8) -> torch.Tensor:
+    """x [rows, in] float32 times an int8 `QuantisedWeight`'s packed weight, float32 (scriptable)."""
+    return torch.ops.quantized.linear_dynamic(x, packed, True)
+
+
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """x [rows, in] float32 times an int4 `QuantisedWeight`'s packed weight and group scales
+    [in / GROUP, out, 2], float32 (scriptable: the group size is read off the scales)."""
+    group = x.shape[-1] // scales.shape[0]
+    return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales).float()
 
 
 def quantise_for_decode(model: torch.nn.Module, precision: str) -> None:
@@ -102,6 +122,7 @@ def quantise_for_decode(model: torch.nn.Module, precision: str) -> None:
     int8, as in the GGUF (Q8_0): its weight is the token embedding, whose values 4 bits would round.
     The fp32 weights stay as they are."""
     bits = {"int8": 8, "int4": 4}[precision]
+    model.__dict__.pop("_decode_stack", None)  # the hand-written decode pass gathers the new weights
     head = model.get_output_embeddings()
     for group in _same_input_groups(model):
         if group[0].in_features % GROUP:

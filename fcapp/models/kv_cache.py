@@ -45,19 +45,33 @@ class _GrowingLayer(DynamicLayer):
         assert self._k is not None and self._v is not None
         self.keys, self.values = self._k[:, :, :self.length], self._v[:, :, :self.length]
 
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def reserve(self, incoming: torch.Tensor) -> None:
+        """Make room for states shaped like `incoming` [rows, heads, new, dim] after the cached ones:
+        the first buffers get 256 spare columns, a full one grows to hold them plus as much again."""
         if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        end = self.length + key_states.shape[-2]
+            self.lazy_initialization(incoming, incoming)
         if self._k is None:
-            self._store(key_states, value_states, room=256)
-            return self.keys, self.values
-        if end > self._k.shape[-2]:  # grow: room for the incoming states plus as much again
-            self._store(self.keys, self.values, room=max(256, self.length) + key_states.shape[-2])
+            self._store(incoming[:, :, :0], incoming[:, :, :0], room=256 + incoming.shape[-2])
+        elif self.length + incoming.shape[-2] > self._k.shape[-2]:
+            self._store(self.keys, self.values, room=max(256, self.length) + incoming.shape[-2])
+
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers, room included: a pass that writes its new states in place
+        (fcapp.models.llama_step) after `reserve`, then calls `advance`."""
+        assert self._k is not None and self._v is not None
+        return self._k, self._v
+
+    def advance(self, new: int) -> None:
+        """Count the `new` columns written into the buffers after the cached ones."""
+        self.length += new
+        self._publish()
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        self.reserve(key_states)
+        end = self.length + key_states.shape[-2]
         self._k[:, :, self.length:end] = key_states
         self._v[:, :, self.length:end] = value_states
-        self.length = end
-        self._publish()
+        self.advance(key_states.shape[-2])
         return self.keys, self.values
 
     def get_seq_length(self) -> int:

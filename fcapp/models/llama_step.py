@@ -1,4 +1,4 @@
-"""One decoding pass of a Llama-family model (SmolLM2), one new token per row, written out by hand.
+"""One decoding pass of a Llama-family model (SmolLM2), written out by hand.
 
 transformers' forward spends about a third of an int4 decode pass outside the arithmetic: ~12 module
 calls a layer, output recording, keyword plumbing and mask preparation, each a few microseconds, 30
@@ -6,6 +6,11 @@ layers a token (profiled: benchmarks/README.md). This pass runs the same tensor 
 order, so its logits are transformers' to the bit (tests/test_perf_equivalence.py). With quantised
 weights, q/k/v and gate/up are one matmul each: `quantise_for_decode` quantises each such group as
 one weight (fcapp.models.cpu).
+
+The layers' loop (`_layer_stack`) runs in TorchScript: the same ATen operations, so the same bits,
+without Python's cost per operation (~40 a layer): an int4 token took ~8 ms instead of ~11 ms on the
+2-core box (benchmarks/results.md). Where scripting fails (a PyTorch without TorchScript) the same
+function runs in Python.
 
 Rows that share a prompt (samples of one problem) hold the same keys and values in its columns; read
 once a row, they are most of what a batched pass's attention streams (the 540-token prompt of 8 rows:
@@ -15,72 +20,90 @@ Its logits equal transformers' up to float rounding (a softmax written out, not 
 
 from __future__ import annotations
 
+import functools
+import logging
+import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, List, Optional
 
 import torch
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache
 
+from fcapp.models.cpu import MOST_ROWS, Packed8, few_rows_linear, int4_matmul, int8_matmul
+
+if TYPE_CHECKING:
+    from fcapp.models.kv_cache import _GrowingLayer
+
+log = logging.getLogger(__name__)
+
+SCRIPTED = True  # run the layers' loop in TorchScript (the benchmark turns it off to measure it)
+SHARED_MIN = 64  # fewer shared columns than this: SDPA over each row's own copy
+
 
 def supports(model: torch.nn.Module) -> bool:
     """Whether `decode_pass` computes what `model`'s own forward does (to the bit, but for columns the
-    rows share): a plain float32 Llama without biases."""
+    rows share): a plain float32 Llama without biases, SiLU MLPs, plain Linear projections."""
     config = getattr(model, "config", None)
     return (isinstance(model, LlamaForCausalLM) and model.dtype == torch.float32 and not config.attention_bias
-            and not config.mlp_bias and getattr(config, "pretraining_tp", 1) == 1)
+            and not config.mlp_bias and getattr(config, "pretraining_tp", 1) == 1 and config.hidden_act == "silu"
+            and _stack_of(model) is not None)
 
 
 @dataclass
-class _Layer:
-    """What one decoder layer's pass reads, gathered once per model (attribute lookups through
-    nn.Module cost microseconds each, dozens a layer a token)."""
+class _Stack:
+    """What the layers' loop reads, gathered once per model (attribute lookups through nn.Module cost
+    microseconds each, dozens a layer a token). It holds the Parameters themselves, so training that
+    changes their values is seen; `quantise_for_decode` drops it, so the next pass gathers the
+    quantised copies. Per layer: its two norms' weights and epsilons, and four projection groups
+    (q/k/v, o, gate/up, down), each as the fp32 Linear weights of the group and as its quantised
+    weight (`bits` 8 or 4; 0 when the model has none)."""
 
-    input_norm: torch.nn.Module
-    qkv: list[torch.nn.Linear]
-    o_proj: torch.nn.Linear
-    post_norm: torch.nn.Module
-    gate_up: list[torch.nn.Linear]
-    down_proj: torch.nn.Linear
-    act_fn: Callable[[torch.Tensor], torch.Tensor]
+    norms: List[torch.Tensor]
+    eps: List[float]
     scaling: float
+    fp32: List[List[torch.Tensor]]
+    bits: int
+    quantised: List[List[torch.Tensor]]  # 4 bits: [packed, scales] per group; else [] per group
+    packed8: List[List[Packed8]]  # 8 bits: [packed] per group; else [] per group
 
 
-def _layers_of(model: LlamaForCausalLM) -> list[_Layer]:
-    """`model`'s layers as `_Layer`s, gathered at its first decode pass. They hold modules, whose weights
-    (and quantised copies) are read at every pass, so training or quantising the model later is seen."""
-    layers = model.__dict__.get("_decode_layers")
-    if layers is None:
-        layers = [_Layer(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-                         layer.self_attn.o_proj, layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj],
-                         layer.mlp.down_proj, layer.mlp.act_fn, layer.self_attn.scaling)
-                  for layer in model.model.layers]
-        model.__dict__["_decode_layers"] = layers
-    return layers
+def _stack_of(model: LlamaForCausalLM) -> _Stack | None:
+    """`model`'s `_Stack`, gathered at its first decode pass; None when a projection is no plain Linear
+    (a LoRA adapter's) or only some are quantised: its own forward then decodes."""
+    if "_decode_stack" not in model.__dict__:
+        model.__dict__["_decode_stack"] = _gathered(model)
+    return model.__dict__["_decode_stack"]
 
 
-def _norm(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """LlamaRMSNorm's forward (torch's rms_norm runs its ops, to the bit, in one call)."""
-    return torch.rms_norm(x, module.weight.shape, module.weight, module.variance_epsilon)
-
-
-def _projected(linears: list[torch.nn.Linear], x: torch.Tensor) -> torch.Tensor:
-    """The outputs of `linears` on x side by side, [..., sum of their widths]: one matmul when they
-    were quantised together (`quantise_for_decode`), else each Linear's, concatenated."""
-    weight = getattr(linears[0], "decode_weight", None)
-    if weight is None or any(getattr(linear, "decode_weight", None) is not weight for linear in linears):
-        return torch.cat([linear(x) for linear in linears], dim=-1)
-    return weight.matmul(x.reshape(-1, x.shape[-1])).view(*x.shape[:-1], -1)
+def _gathered(model: LlamaForCausalLM) -> _Stack | None:
+    layers = model.model.layers
+    groups = [group for layer in layers for group in
+              ([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], [layer.self_attn.o_proj],
+               [layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj])]
+    if any(type(linear) is not torch.nn.Linear for group in groups for linear in group):
+        return None
+    weights = [getattr(group[0], "decode_weight", None) for group in groups]
+    if any(w is not None and any(getattr(linear, "decode_weight", None) is not w for linear in group)
+           for w, group in zip(weights, groups)):
+        return None
+    widths = {w.bits if w is not None else 0 for w in weights}
+    if len(widths) > 1:
+        return None
+    bits = widths.pop()
+    norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
+    return _Stack(norms=[norm.weight for norm in norms], eps=[float(norm.variance_epsilon) for norm in norms],
+                  scaling=float(layers[0].self_attn.scaling),
+                  fp32=[[linear.weight for linear in group] for group in groups], bits=bits,
+                  quantised=[[w.packed, w.scales] if bits == 4 else [] for w in weights],
+                  packed8=[[w.packed] if bits == 8 else [] for w in weights])
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
-    """apply_rotary_pos_emb on x [rows, heads, 1, head_dim]: x * cos + rotate_half(x) * sin, with
+    """apply_rotary_pos_emb on x [rows, heads, new, head_dim]: x * cos + rotate_half(x) * sin, with
     rotate_half(x) * sin written as x's halves swapped times sin with its first half negated (the same
     products, to the bit: sin's two halves are equal, and -a * b is a * -b)."""
     return x * cos + x.roll(x.shape[-1] // 2, -1) * signed_sin
-
-
-SHARED_MIN = 64  # fewer shared columns than this: SDPA over each row's own copy
 
 
 def _attention_sharing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, shared: int,
@@ -89,16 +112,79 @@ def _attention_sharing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
     [rows, kv_heads, columns, dim] whose first `shared` columns are alike in every row: their scores
     and weighted values are one matmul for all rows' queries, over row 0's copy; the other columns,
     masked by `mask` [rows, 1, 1, columns], one per row. The same [rows, kv_heads, group, dim] as SDPA."""
-    rows, kv_heads, group, dim = q.shape
+    rows, kv_heads, group, dim = q.shape[0], q.shape[1], q.shape[2], q.shape[3]
     q = q * scale
     stacked = q.transpose(0, 1).reshape(kv_heads, rows * group, dim)
     weights = torch.cat([
         torch.matmul(stacked, k[0, :, :shared].transpose(1, 2)).view(kv_heads, rows, group, shared).transpose(0, 1),
-        torch.matmul(q, k[:, :, shared:].transpose(2, 3)).masked_fill_(~mask[..., shared:], float("-inf")),
+        torch.matmul(q, k[:, :, shared:].transpose(2, 3)).masked_fill_(~mask[:, :, :, shared:], float("-inf")),
     ], dim=-1).softmax(-1)
-    on_shared = weights[..., :shared].transpose(0, 1).reshape(kv_heads, rows * group, shared)
+    on_shared = weights[:, :, :, :shared].transpose(0, 1).reshape(kv_heads, rows * group, shared)
     return (torch.matmul(on_shared, v[0, :, :shared]).view(kv_heads, rows, group, dim).transpose(0, 1)
-            + torch.matmul(weights[..., shared:], v[:, :, shared:]))
+            + torch.matmul(weights[:, :, :, shared:], v[:, :, shared:]))
+
+
+def _project(x: torch.Tensor, bits: int, fp32: List[torch.Tensor], quantised: List[torch.Tensor],
+             packed8: List[Packed8], threads: int) -> torch.Tensor:
+    """x [tokens, in] through one projection group, its outputs side by side [tokens, sum of widths]:
+    the group's quantised weight (`bits` 4 or 8) in one matmul, or (0) each fp32 Linear's, as their
+    forwards compute them."""
+    if bits == 4:
+        return int4_matmul(x, quantised[0], quantised[1])
+    if bits == 8:
+        return int8_matmul(x, packed8[0])
+    outs = [few_rows_linear(x, weight, None, threads) for weight in fp32]
+    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+
+def _layer_stack(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, causal: Optional[torch.Tensor],
+                 mask: Optional[torch.Tensor], shared: int, norms: List[torch.Tensor], eps: List[float],
+                 scaling: float, bits: int, fp32: List[List[torch.Tensor]], quantised: List[List[torch.Tensor]],
+                 packed8: List[List[Packed8]], keys: List[torch.Tensor], values: List[torch.Tensor],
+                 length: int, heads: int, kv_heads: int, threads: int) -> torch.Tensor:
+    """The decoder layers on x [rows, new, hidden], each writing its new keys and values into
+    keys[i], values[i] (buffers [rows, kv_heads, room, dim]) after their first `length` columns; the
+    hidden states after the last layer. Masks as in `decode_pass`; `shared` > 0: attend to that many
+    leading columns once for all rows (`_attention_sharing`)."""
+    rows, new, hidden = x.shape[0], x.shape[1], x.shape[2]
+    head_dim = keys[0].shape[-1]
+    end = length + new
+    for i in range(len(keys)):
+        g = 4 * i
+        h = torch.rms_norm(x, [hidden], norms[2 * i], eps[2 * i]).reshape(rows * new, hidden)
+        qkv = _project(h, bits, fp32[g], quantised[g], packed8[g], threads).view(rows, new, -1, head_dim).transpose(1, 2)
+        qk = _rotated(qkv[:, :heads + kv_heads], cos, signed_sin)
+        keys[i][:, :, length:end] = qk[:, heads:]
+        values[i][:, :, length:end] = qkv[:, heads + kv_heads:]
+        k, v = keys[i][:, :, :end], values[i][:, :, :end]
+        if mask is None:
+            o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, attn_mask=causal,
+                                                                 scale=scaling, enable_gqa=True)
+        else:  # transformers' sdpa path for one query: the query heads of a key head as its rows
+            q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+            if shared > 0:
+                o = _attention_sharing(q, k, v, mask, shared, scaling)
+            else:
+                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
+        o = o.reshape(rows, heads, new, head_dim).transpose(1, 2).reshape(rows * new, heads * head_dim)
+        x = x + _project(o, bits, fp32[g + 1], quantised[g + 1], packed8[g + 1], threads).view(rows, new, hidden)
+        h = torch.rms_norm(x, [hidden], norms[2 * i + 1], eps[2 * i + 1]).reshape(rows * new, hidden)
+        gate, up = _project(h, bits, fp32[g + 2], quantised[g + 2], packed8[g + 2], threads).chunk(2, dim=-1)
+        x = x + _project(torch.nn.functional.silu(gate) * up, bits, fp32[g + 3], quantised[g + 3], packed8[g + 3],
+                         threads).view(rows, new, hidden)
+    return x
+
+
+@functools.cache
+def _scripted_stack() -> Callable[..., torch.Tensor]:
+    """`_layer_stack` compiled by TorchScript, or the Python function where scripting fails."""
+    try:
+        with warnings.catch_warnings():  # torch.jit.script is deprecated in favour of torch.compile, which
+            warnings.simplefilter("ignore")  # was slower here (benchmarks/README.md); it still works
+            return torch.jit.script(_layer_stack)
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the same computation in Python
+        log.warning("TorchScript unavailable (%s): decode passes run their layers in Python", exc)
+        return _layer_stack
 
 
 def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
@@ -107,9 +193,10 @@ def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Ten
     drafted run being checked, fcapp.models.drafting). ids, positions: [rows, new]; mask: None (one
     row, every column real; its new tokens attend causally) or, with one new token per row, boolean
     [rows, 1, 1, columns], True where the row may attend (the cache's columns and the new one);
-    `cache`'s layers get the new keys and values. `shared`: how many leading cache columns every row
-    holds alike (see `_attention_sharing`)."""
-    config = model.config
+    `cache`'s layers (`_GrowingLayer`s) get the new keys and values. `shared`: how many leading cache
+    columns every row holds alike (see `_attention_sharing`). A pass of more than MOST_ROWS tokens
+    multiplies by the fp32 weights, as the quantised Linears' own forwards do."""
+    config, stack = model.config, _stack_of(model)
     rows, new = ids.shape
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -117,25 +204,22 @@ def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Ten
     cos, sin = model.model.rotary_emb(x, positions)
     cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     signed_sin = torch.cat((-sin[..., :head_dim // 2], sin[..., head_dim // 2:]), dim=-1)
+    length = cache.get_seq_length()
     causal = None
     if new > 1:  # query i sees the cache and the new tokens up to its own
-        columns = cache.get_seq_length() + new
-        causal = torch.ones(new, columns, dtype=torch.bool, device=ids.device).tril(columns - new)
-    for index, layer in enumerate(_layers_of(model)):
-        qkv = _projected(layer.qkv, _norm(layer.input_norm, x)).view(rows, new, -1, head_dim).transpose(1, 2)
-        qk = _rotated(qkv[:, :heads + kv_heads], cos, signed_sin)
-        k, v = cache.update(qk[:, heads:], qkv[:, heads + kv_heads:], index)
-        if mask is None:
-            o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, attn_mask=causal,
-                                                                 scale=layer.scaling, enable_gqa=True)
-        else:  # transformers' sdpa path for one query: the query heads of a key head as its rows
-            q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
-            if shared >= SHARED_MIN:
-                o = _attention_sharing(q, k, v, mask, shared, layer.scaling)
-            else:
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling)
-        o = o.reshape(rows, heads, new, head_dim).transpose(1, 2).reshape(rows, new, heads * head_dim)
-        x = x + layer.o_proj(o)
-        gate, up = _projected(layer.gate_up, _norm(layer.post_norm, x)).chunk(2, dim=-1)
-        x = x + layer.down_proj(layer.act_fn(gate) * up)
-    return model.lm_head(_norm(model.model.norm, x))
+        causal = torch.ones(new, length + new, dtype=torch.bool, device=ids.device).tril(length)
+    layers: list[_GrowingLayer] = cache.layers
+    incoming = x.new_empty(rows, kv_heads, new, head_dim)
+    for layer in layers:
+        layer.reserve(incoming)
+    buffers = [layer.buffers() for layer in layers]
+    bits = stack.bits if rows * new <= MOST_ROWS else 0
+    run = _scripted_stack() if SCRIPTED else _layer_stack
+    x = run(x, cos, signed_sin, causal, mask, shared if shared >= SHARED_MIN else 0, stack.norms, stack.eps,
+            stack.scaling, bits, stack.fp32,
+            stack.quantised, stack.packed8, [k for k, _ in buffers], [v for _, v in buffers], length, heads, kv_heads,
+            torch.get_num_threads())
+    for layer in layers:
+        layer.advance(new)
+    return model.lm_head(torch.rms_norm(x, model.model.norm.weight.shape, model.model.norm.weight,
+                                        model.model.norm.variance_epsilon))
