@@ -172,8 +172,8 @@ def test_the_decode_layers_run_in_torchscript_with_the_bits_of_the_python_loop(s
     from fcapp.models.kv_cache import KVState
     from fcapp.models.local import LocalModel
 
-    assert isinstance(llama_step._scripted_stack(), torch.jit.ScriptFunction)
     model = small_model if precision == "fp32" else LocalModel(f"smollm2@{precision}")
+    assert isinstance(llama_step._stack_of(model.model)[1], torch.jit.ScriptModule)
     trunk = [1 + i % 60 for i in range(70)]
 
     def passes() -> list[torch.Tensor]:

@@ -7,10 +7,10 @@ order, so its logits are transformers' to the bit (tests/test_perf_equivalence.p
 weights, q/k/v and gate/up are one matmul each: `quantise_for_decode` quantises each such group as
 one weight (fcapp.models.cpu).
 
-The layers' loop (`_layer_stack`) runs in TorchScript: the same ATen operations, so the same bits,
-without Python's cost per operation (~40 a layer): an int4 token took ~8 ms instead of ~11 ms on the
-2-core box (benchmarks/results.md). Where scripting fails (a PyTorch without TorchScript) the same
-function runs in Python.
+The layers' loop (`_Stack`) runs in TorchScript: the same ATen operations, so the same bits, without
+Python's cost per operation (~40 a layer): int8 decoding 1.33x and int4 1.14x faster on the 2-core
+box (benchmarks/results.md). Where scripting fails (a PyTorch without TorchScript) the same module
+runs in Python.
 
 Rows that share a prompt (samples of one problem) hold the same keys and values in its columns; read
 once a row, they are most of what a batched pass's attention streams (the 540-token prompt of 8 rows:
@@ -18,12 +18,8 @@ once a row, they are most of what a batched pass's attention streams (the 540-to
 Its logits equal transformers' up to float rounding (a softmax written out, not SDPA's kernel).
 """
 
-from __future__ import annotations
-
-import functools
-import logging
+import logging  # no `from __future__ import annotations`: TorchScript reads `_Stack`'s annotations as types
 import warnings
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, List, Optional
 
 import torch
@@ -50,10 +46,10 @@ def supports(model: torch.nn.Module) -> bool:
             and _stack_of(model) is not None)
 
 
-@dataclass
-class _Stack:
-    """What the layers' loop reads, gathered once per model (attribute lookups through nn.Module cost
-    microseconds each, dozens a layer a token). It holds the Parameters themselves, so training that
+class _Stack(torch.nn.Module):
+    """A model's decoder layers for decode passes, holding what they read, gathered once per model
+    (attribute lookups through nn.Module cost microseconds each, dozens a layer a token) and handed
+    to TorchScript once, not at every pass. It holds the Parameters themselves, so training that
     changes their values is seen; `quantise_for_decode` drops it, so the next pass gathers the
     quantised copies. Per layer: its two norms' weights and epsilons, and four projection groups
     (q/k/v, o, gate/up, down), each as the fp32 Linear weights of the group and as its quantised
@@ -61,23 +57,79 @@ class _Stack:
 
     norms: List[torch.Tensor]
     eps: List[float]
-    scaling: float
     fp32: List[List[torch.Tensor]]
-    bits: int
     quantised: List[List[torch.Tensor]]  # 4 bits: [packed, scales] per group; else [] per group
     packed8: List[List[Packed8]]  # 8 bits: [packed] per group; else [] per group
 
+    def __init__(self, norms: list[torch.nn.Module], scaling: float, heads: int, kv_heads: int,
+                 groups: list[list[torch.nn.Linear]], bits: int) -> None:
+        super().__init__()
+        self.norms, self.eps = [norm.weight for norm in norms], [float(norm.variance_epsilon) for norm in norms]
+        self.scaling, self.heads, self.kv_heads, self.bits = scaling, heads, kv_heads, bits
+        self.fp32 = [[linear.weight for linear in group] for group in groups]
+        self.quantised = [[g[0].decode_weight.packed, g[0].decode_weight.scales] if bits == 4 else [] for g in groups]
+        self.packed8 = [[g[0].decode_weight.packed] if bits == 8 else [] for g in groups]
 
-def _stack_of(model: LlamaForCausalLM) -> _Stack | None:
-    """`model`'s `_Stack`, gathered at its first decode pass; None when a projection is no plain Linear
-    (a LoRA adapter's) or only some are quantised: its own forward then decodes."""
+    def _project(self, x: torch.Tensor, group: int, bits: int, threads: int) -> torch.Tensor:
+        """x [tokens, in] through projection group `group`, its outputs side by side [tokens, sum of
+        widths]: the group's quantised weight (`bits` 4 or 8) in one matmul, or (0) each fp32 Linear's,
+        as their forwards compute them."""
+        if bits == 4:
+            return int4_matmul(x, self.quantised[group][0], self.quantised[group][1])
+        if bits == 8:
+            return int8_matmul(x, self.packed8[group][0])
+        outs = [few_rows_linear(x, weight, None, threads) for weight in self.fp32[group]]
+        return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, causal: Optional[torch.Tensor],
+                mask: Optional[torch.Tensor], shared: int, keys: List[torch.Tensor], values: List[torch.Tensor],
+                length: int, quantised: bool, threads: int) -> torch.Tensor:
+        """The layers on x [rows, new, hidden], each writing its new keys and values into keys[i],
+        values[i] (buffers [rows, kv_heads, room, dim]) after their first `length` columns; the hidden
+        states after the last layer. Masks as in `decode_pass`; `shared` > 0: attend to that many
+        leading columns once for all rows (`_attention_sharing`). `quantised`: multiply by the
+        quantised weights, else by the fp32 ones."""
+        rows, new, hidden = x.shape[0], x.shape[1], x.shape[2]
+        heads, kv_heads, head_dim = self.heads, self.kv_heads, keys[0].shape[-1]
+        bits = self.bits if quantised else 0
+        end = length + new
+        for i in range(len(keys)):
+            g = 4 * i
+            h = torch.rms_norm(x, [hidden], self.norms[2 * i], self.eps[2 * i]).reshape(rows * new, hidden)
+            qkv = self._project(h, g, bits, threads).view(rows, new, -1, head_dim).transpose(1, 2)
+            qk = _rotated(qkv[:, :heads + kv_heads], cos, signed_sin)
+            keys[i][:, :, length:end] = qk[:, heads:]
+            values[i][:, :, length:end] = qkv[:, heads + kv_heads:]
+            k, v = keys[i][:, :, :end], values[i][:, :, :end]
+            if mask is None:
+                o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, attn_mask=causal,
+                                                                     scale=self.scaling, enable_gqa=True)
+            else:  # transformers' sdpa path for one query: the query heads of a key head as its rows
+                q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+                if shared > 0:
+                    o = _attention_sharing(q, k, v, mask, shared, self.scaling)
+                else:
+                    o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scaling)
+            o = o.reshape(rows, heads, new, head_dim).transpose(1, 2).reshape(rows * new, heads * head_dim)
+            x = x + self._project(o, g + 1, bits, threads).view(rows, new, hidden)
+            h = torch.rms_norm(x, [hidden], self.norms[2 * i + 1], self.eps[2 * i + 1]).reshape(rows * new, hidden)
+            gate, up = self._project(h, g + 2, bits, threads).chunk(2, dim=-1)
+            x = x + self._project(torch.nn.functional.silu(gate) * up, g + 3, bits, threads).view(rows, new, hidden)
+        return x
+
+
+def _stack_of(model: LlamaForCausalLM) -> tuple[_Stack, Callable[..., torch.Tensor]] | None:
+    """`model`'s `_Stack` and the same compiled by TorchScript (or itself, where scripting fails),
+    gathered at its first decode pass; None when a projection is no plain Linear (a LoRA adapter's)
+    or only some are quantised: its own forward then decodes."""
     if "_decode_stack" not in model.__dict__:
-        model.__dict__["_decode_stack"] = _gathered(model)
+        stack = _gathered(model)
+        model.__dict__["_decode_stack"] = None if stack is None else (stack, _scripted(stack))
     return model.__dict__["_decode_stack"]
 
 
 def _gathered(model: LlamaForCausalLM) -> _Stack | None:
-    layers = model.model.layers
+    config, layers = model.config, model.model.layers
     groups = [group for layer in layers for group in
               ([layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj], [layer.self_attn.o_proj],
                [layer.mlp.gate_proj, layer.mlp.up_proj], [layer.mlp.down_proj])]
@@ -90,13 +142,20 @@ def _gathered(model: LlamaForCausalLM) -> _Stack | None:
     widths = {w.bits if w is not None else 0 for w in weights}
     if len(widths) > 1:
         return None
-    bits = widths.pop()
     norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
-    return _Stack(norms=[norm.weight for norm in norms], eps=[float(norm.variance_epsilon) for norm in norms],
-                  scaling=float(layers[0].self_attn.scaling),
-                  fp32=[[linear.weight for linear in group] for group in groups], bits=bits,
-                  quantised=[[w.packed, w.scales] if bits == 4 else [] for w in weights],
-                  packed8=[[w.packed] if bits == 8 else [] for w in weights])
+    return _Stack(norms, float(layers[0].self_attn.scaling), config.num_attention_heads, config.num_key_value_heads,
+                  groups, widths.pop())
+
+
+def _scripted(stack: _Stack) -> Callable[..., torch.Tensor]:
+    """`stack` compiled by TorchScript, or `stack` itself where scripting fails."""
+    try:
+        with warnings.catch_warnings():  # torch.jit.script is deprecated in favour of torch.compile, which
+            warnings.simplefilter("ignore")  # was slower here (benchmarks/README.md); it still works
+            return torch.jit.script(stack)
+    except Exception as exc:  # noqa: BLE001 - any failure leaves the same computation in Python
+        log.warning("TorchScript unavailable (%s): decode passes run their layers in Python", exc)
+        return stack
 
 
 def _rotated(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
@@ -124,69 +183,6 @@ def _attention_sharing(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: 
             + torch.matmul(weights[:, :, :, shared:], v[:, :, shared:]))
 
 
-def _project(x: torch.Tensor, bits: int, fp32: List[torch.Tensor], quantised: List[torch.Tensor],
-             packed8: List[Packed8], threads: int) -> torch.Tensor:
-    """x [tokens, in] through one projection group, its outputs side by side [tokens, sum of widths]:
-    the group's quantised weight (`bits` 4 or 8) in one matmul, or (0) each fp32 Linear's, as their
-    forwards compute them."""
-    if bits == 4:
-        return int4_matmul(x, quantised[0], quantised[1])
-    if bits == 8:
-        return int8_matmul(x, packed8[0])
-    outs = [few_rows_linear(x, weight, None, threads) for weight in fp32]
-    return outs[0] if len(outs) == 1 else torch.cat(outs, -1)
-
-
-def _layer_stack(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor, causal: Optional[torch.Tensor],
-                 mask: Optional[torch.Tensor], shared: int, norms: List[torch.Tensor], eps: List[float],
-                 scaling: float, bits: int, fp32: List[List[torch.Tensor]], quantised: List[List[torch.Tensor]],
-                 packed8: List[List[Packed8]], keys: List[torch.Tensor], values: List[torch.Tensor],
-                 length: int, heads: int, kv_heads: int, threads: int) -> torch.Tensor:
-    """The decoder layers on x [rows, new, hidden], each writing its new keys and values into
-    keys[i], values[i] (buffers [rows, kv_heads, room, dim]) after their first `length` columns; the
-    hidden states after the last layer. Masks as in `decode_pass`; `shared` > 0: attend to that many
-    leading columns once for all rows (`_attention_sharing`)."""
-    rows, new, hidden = x.shape[0], x.shape[1], x.shape[2]
-    head_dim = keys[0].shape[-1]
-    end = length + new
-    for i in range(len(keys)):
-        g = 4 * i
-        h = torch.rms_norm(x, [hidden], norms[2 * i], eps[2 * i]).reshape(rows * new, hidden)
-        qkv = _project(h, bits, fp32[g], quantised[g], packed8[g], threads).view(rows, new, -1, head_dim).transpose(1, 2)
-        qk = _rotated(qkv[:, :heads + kv_heads], cos, signed_sin)
-        keys[i][:, :, length:end] = qk[:, heads:]
-        values[i][:, :, length:end] = qkv[:, heads + kv_heads:]
-        k, v = keys[i][:, :, :end], values[i][:, :, :end]
-        if mask is None:
-            o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, attn_mask=causal,
-                                                                 scale=scaling, enable_gqa=True)
-        else:  # transformers' sdpa path for one query: the query heads of a key head as its rows
-            q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
-            if shared > 0:
-                o = _attention_sharing(q, k, v, mask, shared, scaling)
-            else:
-                o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scaling)
-        o = o.reshape(rows, heads, new, head_dim).transpose(1, 2).reshape(rows * new, heads * head_dim)
-        x = x + _project(o, bits, fp32[g + 1], quantised[g + 1], packed8[g + 1], threads).view(rows, new, hidden)
-        h = torch.rms_norm(x, [hidden], norms[2 * i + 1], eps[2 * i + 1]).reshape(rows * new, hidden)
-        gate, up = _project(h, bits, fp32[g + 2], quantised[g + 2], packed8[g + 2], threads).chunk(2, dim=-1)
-        x = x + _project(torch.nn.functional.silu(gate) * up, bits, fp32[g + 3], quantised[g + 3], packed8[g + 3],
-                         threads).view(rows, new, hidden)
-    return x
-
-
-@functools.cache
-def _scripted_stack() -> Callable[..., torch.Tensor]:
-    """`_layer_stack` compiled by TorchScript, or the Python function where scripting fails."""
-    try:
-        with warnings.catch_warnings():  # torch.jit.script is deprecated in favour of torch.compile, which
-            warnings.simplefilter("ignore")  # was slower here (benchmarks/README.md); it still works
-            return torch.jit.script(_layer_stack)
-    except Exception as exc:  # noqa: BLE001 - any failure leaves the same computation in Python
-        log.warning("TorchScript unavailable (%s): decode passes run their layers in Python", exc)
-        return _layer_stack
-
-
 def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
                 cache: Cache, shared: int = 0) -> torch.Tensor:
     """The logits [rows, new, vocab] after each new token: one per row, or one row's `new` tokens (a
@@ -196,7 +192,7 @@ def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Ten
     `cache`'s layers (`_GrowingLayer`s) get the new keys and values. `shared`: how many leading cache
     columns every row holds alike (see `_attention_sharing`). A pass of more than MOST_ROWS tokens
     multiplies by the fp32 weights, as the quantised Linears' own forwards do."""
-    config, stack = model.config, _stack_of(model)
+    config = model.config
     rows, new = ids.shape
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -213,12 +209,10 @@ def decode_pass(model: LlamaForCausalLM, ids: torch.Tensor, positions: torch.Ten
     for layer in layers:
         layer.reserve(incoming)
     buffers = [layer.buffers() for layer in layers]
-    bits = stack.bits if rows * new <= MOST_ROWS else 0
-    run = _scripted_stack() if SCRIPTED else _layer_stack
-    x = run(x, cos, signed_sin, causal, mask, shared if shared >= SHARED_MIN else 0, stack.norms, stack.eps,
-            stack.scaling, bits, stack.fp32,
-            stack.quantised, stack.packed8, [k for k, _ in buffers], [v for _, v in buffers], length, heads, kv_heads,
-            torch.get_num_threads())
+    stack, scripted = _stack_of(model)
+    x = (scripted if SCRIPTED else stack)(x, cos, signed_sin, causal, mask, shared if shared >= SHARED_MIN else 0,
+                                          [k for k, _ in buffers], [v for _, v in buffers], length,
+                                          rows * new <= MOST_ROWS, torch.get_num_threads())
     for layer in layers:
         layer.advance(new)
     return model.lm_head(torch.rms_norm(x, model.model.norm.weight.shape, model.model.norm.weight,
