@@ -96,7 +96,7 @@ class QuantisedWeight:
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         if self.bits == 8:
             return int8_matmul(x, self.packed)
-        return int4_matmul(x, self.packed, self.scales)
+        return int4_matmul(x, self.packed, self.scales, GROUP)
 
 
 def int8_matmul(x: torch.Tensor, packed: Packed8) -> torch.Tensor:
@@ -104,10 +104,9 @@ def int8_matmul(x: torch.Tensor, packed: Packed8) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(x, packed, True)
 
 
-def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """x [rows, in] float32 times an int4 `QuantisedWeight`'s packed weight and group scales
-    [in / GROUP, out, 2], float32 (scriptable: the group size is read off the scales)."""
-    group = x.shape[-1] // scales.shape[0]
+def int4_matmul(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group: int) -> torch.Tensor:
+    """x [rows, in] float32 times an int4 `QuantisedWeight`'s packed weight and the scales of its
+    groups of `group` inputs, float32 (scriptable)."""
     return torch.ops.aten._weight_int4pack_mm_for_cpu(x.to(torch.bfloat16), packed, group, scales).float()
 
 

@@ -26,7 +26,7 @@ import torch
 from transformers import LlamaForCausalLM
 from transformers.cache_utils import Cache
 
-from fcapp.models.cpu import MOST_ROWS, Packed8, few_rows_linear, int4_matmul, int8_matmul
+from fcapp.models.cpu import GROUP, MOST_ROWS, Packed8, few_rows_linear, int4_matmul, int8_matmul
 
 if TYPE_CHECKING:
     from fcapp.models.kv_cache import _GrowingLayer
@@ -65,7 +65,7 @@ class _Stack(torch.nn.Module):
                  groups: list[list[torch.nn.Linear]], bits: int) -> None:
         super().__init__()
         self.norms, self.eps = [norm.weight for norm in norms], [float(norm.variance_epsilon) for norm in norms]
-        self.scaling, self.heads, self.kv_heads, self.bits = scaling, heads, kv_heads, bits
+        self.scaling, self.heads, self.kv_heads, self.bits, self.group = scaling, heads, kv_heads, bits, GROUP
         self.fp32 = [[linear.weight for linear in group] for group in groups]
         self.quantised = [[g[0].decode_weight.packed, g[0].decode_weight.scales] if bits == 4 else [] for g in groups]
         self.packed8 = [[g[0].decode_weight.packed] if bits == 8 else [] for g in groups]
@@ -75,7 +75,7 @@ class _Stack(torch.nn.Module):
         widths]: the group's quantised weight (`bits` 4 or 8) in one matmul, or (0) each fp32 Linear's,
         as their forwards compute them."""
         if bits == 4:
-            return int4_matmul(x, self.quantised[group][0], self.quantised[group][1])
+            return int4_matmul(x, self.quantised[group][0], self.quantised[group][1], self.group)
         if bits == 8:
             return int8_matmul(x, self.packed8[group][0])
         outs = [few_rows_linear(x, weight, None, threads) for weight in self.fp32[group]]
@@ -97,15 +97,16 @@ class _Stack(torch.nn.Module):
             g = 4 * i
             h = torch.rms_norm(x, [hidden], self.norms[2 * i], self.eps[2 * i]).reshape(rows * new, hidden)
             qkv = self._project(h, g, bits, threads).view(rows, new, -1, head_dim).transpose(1, 2)
-            qk = _rotated(qkv[:, :heads + kv_heads], cos, signed_sin)
-            keys[i][:, :, length:end] = qk[:, heads:]
-            values[i][:, :, length:end] = qkv[:, heads + kv_heads:]
-            k, v = keys[i][:, :, :end], values[i][:, :, :end]
+            # narrow, not slicing: one operation where TorchScript issues a slice per dimension
+            qk = _rotated(qkv.narrow(1, 0, heads + kv_heads), cos, signed_sin)
+            keys[i].narrow(2, length, new).copy_(qk.narrow(1, heads, kv_heads))
+            values[i].narrow(2, length, new).copy_(qkv.narrow(1, heads + kv_heads, kv_heads))
+            k, v = keys[i].narrow(2, 0, end), values[i].narrow(2, 0, end)
             if mask is None:
-                o = torch.nn.functional.scaled_dot_product_attention(qk[:, :heads], k, v, attn_mask=causal,
+                o = torch.nn.functional.scaled_dot_product_attention(qk.narrow(1, 0, heads), k, v, attn_mask=causal,
                                                                      scale=self.scaling, enable_gqa=True)
             else:  # transformers' sdpa path for one query: the query heads of a key head as its rows
-                q = qk[:, :heads].reshape(rows, kv_heads, heads // kv_heads, head_dim)
+                q = qk.narrow(1, 0, heads).reshape(rows, kv_heads, heads // kv_heads, head_dim)
                 if shared > 0:
                     o = _attention_sharing(q, k, v, mask, shared, self.scaling)
                 else:
