@@ -194,6 +194,35 @@ def test_the_decode_layers_run_in_torchscript_with_the_bits_of_the_python_loop(s
     assert all(torch.equal(a, b) for a, b in zip(scripted, in_python))
 
 
+def test_the_scripted_decode_layers_see_weights_changed_in_place(small_model):
+    """The scripted layers hold the model's Parameters, not copies: a training step that updates a
+    weight in place (GRPO's policy decodes between steps) changes the next pass as it changes the
+    Python loop's."""
+    from fcapp.models import llama_step
+    from fcapp.models.kv_cache import KVState
+
+    def next_logits() -> torch.Tensor:
+        state = KVState(small_model._layers, rows=1)
+        with torch.inference_mode():
+            state.feed(small_model.model, [[1, 2, 3]], small_model.pad_id)
+            return state.feed(small_model.model, [[5]], small_model.pad_id)
+
+    weight = small_model.model.model.layers[3].mlp.down_proj.weight
+    original = weight.detach().clone()
+    before = next_logits()
+    with torch.no_grad():
+        weight.mul_(1.5)
+    try:
+        scripted = next_logits()
+        llama_step.SCRIPTED = False
+        in_python = next_logits()
+    finally:
+        llama_step.SCRIPTED = True
+        with torch.no_grad():
+            weight.copy_(original)
+    assert not torch.equal(before, scripted) and torch.equal(scripted, in_python)
+
+
 def test_the_hand_written_decode_pass_changes_no_chain(small_model):
     task = get_task("gsm8k")
     problems = [task.get("gsm8k-1"), task.get("gsm8k-6")]
