@@ -164,7 +164,7 @@ def test_the_hand_written_decode_pass_gives_the_logits_of_transformers_forward_t
 
 
 @pytest.mark.parametrize("precision", ["fp32", "int4"])
-def test_the_decode_layers_run_in_torchscript_with_the_bits_of_the_python_loop(small_model, precision):
+def test_the_decode_layers_run_in_torchscript_with_the_bits_of_the_python_loop(small_model, precision, monkeypatch):
     """The hand-written pass runs its layers' loop compiled by TorchScript (no silent fall-back to Python
     on this PyTorch), and it computes what the same loop run by Python does, to the bit: one row, a
     drafted run of four tokens, and three rows sharing a 70-token prompt (shared columns read once)."""
@@ -186,15 +186,11 @@ def test_the_decode_layers_run_in_torchscript_with_the_bits_of_the_python_loop(s
                     rows.feed(model.model, [[5], [6], [7]], model.pad_id), rows.feed(model.model, [[8], [9], [10]], model.pad_id)]
 
     scripted = passes()
-    llama_step.SCRIPTED = False
-    try:
-        in_python = passes()
-    finally:
-        llama_step.SCRIPTED = True
-    assert all(torch.equal(a, b) for a, b in zip(scripted, in_python))
+    monkeypatch.setattr(llama_step, "SCRIPTED", False)
+    assert all(torch.equal(a, b) for a, b in zip(scripted, passes()))
 
 
-def test_the_scripted_decode_layers_see_weights_changed_in_place(small_model):
+def test_the_scripted_decode_layers_see_weights_changed_in_place(small_model, monkeypatch):
     """The scripted layers hold the model's Parameters, not copies: a training step that updates a
     weight in place (GRPO's policy decodes between steps) changes the next pass as it changes the
     Python loop's."""
@@ -214,10 +210,9 @@ def test_the_scripted_decode_layers_see_weights_changed_in_place(small_model):
         weight.mul_(1.5)
     try:
         scripted = next_logits()
-        llama_step.SCRIPTED = False
+        monkeypatch.setattr(llama_step, "SCRIPTED", False)
         in_python = next_logits()
     finally:
-        llama_step.SCRIPTED = True
         with torch.no_grad():
             weight.copy_(original)
     assert not torch.equal(before, scripted) and torch.equal(scripted, in_python)
