@@ -193,11 +193,12 @@ def _progress_postfix(row: dict) -> dict[str, str]:
 def round_table(rows: list[dict]) -> str:
     """The per-round table of a `rounds` run: held-out accuracy with its interval, valid-call rate."""
     lines = [f"{'round':>5} {'accuracy':>9} {'95% CI':>14} {'valid calls':>12} {'sampled':>8} {'correct':>8} "
-             f"{'trained on':>11}"]
+             f"{'trained on':>11} {'too long':>9}"]
     for r in rows:
         ci = f"[{r['accuracy_ci'][0]:.2f}, {r['accuracy_ci'][1]:.2f}]"
         lines.append(f"{r['round']:>5} {r['accuracy']:>9.3f} {ci:>14} {r['valid_call_rate']:>12.3f} "
-                     f"{r.get('sampled', '-'):>8} {r.get('sampled_correct', '-'):>8} {r.get('train_rows', '-'):>11}")
+                     f"{r.get('sampled', '-'):>8} {r.get('sampled_correct', '-'):>8} {r.get('train_rows', '-'):>11} "
+                     f"{r.get('too_long', '-'):>9}")
     return "\n".join(lines)
 
 

@@ -290,6 +290,43 @@ def test_two_rounds_store_one_evaluation_per_round(home: Path) -> None:
     assert (job.out / "round-2" / "model" / "config.json").exists() and (job.out / "model" / "config.json").exists()
 
 
+@pytest.mark.parametrize("round_method", ["sft", "dpo"])
+def test_a_round_drops_and_counts_its_own_chains_too_long_to_train_on(tmp_path: Path, round_method: str) -> None:
+    """A round trains on its model's own samples: those longer than max_length are dropped and counted
+    (the round's table shows how many), never a reason to throw the round's sampling away (a training
+    file holding such rows is refused instead, unless drop_too_long)."""
+    from helpers import correct_chain, wrong_chain
+
+    from fcapp.store import Store
+    from fcapp.training import dpo
+    from fcapp.training.common import load_tokenizer
+    from fcapp.training.rounds import training_set
+
+    store = Store(tmp_path / "round.db")
+    for pid in ("gsm8k-1", "gsm8k-2", "gsm8k-4"):
+        right = correct_chain("gsm8k", pid)
+        right.model_id, right.reference = "run-r1", False  # the round's model solved it
+        store.add_chain(right, True)
+        store.add_chain(wrong_chain("gsm8k", pid, "-1", model_id="run-r1", seed=1), False)  # another sample
+    store.add_chain(wrong_chain("gsm8k", "gsm8k-1", "-1", model_id="someone-else"), False)  # not this run's
+    tokenizer = load_tokenizer("smollm2")
+
+    def config(max_length: int) -> TrainConfig:
+        return TrainConfig(name="run", method="rounds", task="gsm8k", round_method=round_method, max_length=max_length)
+
+    def lengths(rows: list[dict]) -> list[int]:
+        if round_method == "sft":
+            return [len(r["input_ids"]) for r in rows]
+        return dpo.pair_lengths(rows, tokenizer, config(4096))[1]
+
+    every, none_dropped = training_set(config(4096), store, tokenizer, {"run-r1"})
+    assert len(every) == 3 and none_dropped == 0  # one example or pair a problem, from this run's chains only
+    longest = max(lengths(every))
+    kept, too_long = training_set(config(longest - 1), store, tokenizer, {"run-r1"})
+    assert too_long == lengths(every).count(longest) >= 1
+    assert len(kept) == 3 - too_long and max(lengths(kept)) < longest
+
+
 def test_reference_log_probs_are_computed_up_front_only_for_more_than_one_pass() -> None:
     """Up front, each pair's reference is computed once for the whole run; in one pass it is needed once
     anyway, so precomputing only pays from the second pass over the pairs."""

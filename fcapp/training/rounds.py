@@ -11,6 +11,7 @@ round (sampling skips chains already stored).
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import types
 from pathlib import Path
@@ -40,6 +41,28 @@ def evaluate_round(config: TrainConfig, store: Any, model: Any, k: int, on_progr
             "eval_id": result.get("eval_id"), "eval_n": result["n"]}
 
 
+def training_set(config: TrainConfig, store: Any, tokenizer: Any, model_ids: set[str]) -> tuple[list[dict[str, Any]], int]:
+    """A round's training rows as trained, from the chains of `model_ids` (this run's models): SFT
+    examples of the correct ones or DPO pairs of correct vs incorrect, and how many were dropped for
+    exceeding max_length. They are the model's own samples, not a file to refuse: a round over a few
+    hundred problems nearly always samples a chain or two longer than the rest, and refusing it would
+    throw the round's sampling away."""
+    from fcapp.training import dpo, sft
+    from fcapp.trainsets import PairPolicy, build_examples, build_pairs
+
+    fitting = dataclasses.replace(config, drop_too_long=True)
+    if config.round_method == "sft":
+        rows = [r | {"_where": f"chain {r['chain_id']}"}
+                for r in build_examples(store, config.tasks[0], ("teacher", "human"), model_ids=model_ids,
+                                        grounded_only=config.grounded_only)]
+        kept = sft.tokenized_examples(rows, tokenizer, fitting) if rows else []
+    else:
+        rows = [r | {"_where": f"chains {r['chosen_chain_id']}/{r['rejected_chain_id']}"}
+                for r in build_pairs(store, config.tasks[0], PairPolicy(use_reference=False), model_ids=model_ids)]
+        kept = dpo.fitting_pairs(rows, tokenizer, fitting) if rows else []
+    return kept, len(rows) - len(kept)
+
+
 def load_round_model(config: TrainConfig, path: str, k: int) -> Any:
     from fcapp.models.local import LocalModel
 
@@ -54,7 +77,6 @@ def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path:
     from fcapp.store import Store
     from fcapp.training import dpo, sft
     from fcapp.training.common import load_tokenizer
-    from fcapp.trainsets import PairPolicy, build_examples, build_pairs
 
     task = config.tasks[0]
     store = Store(config.db)
@@ -88,32 +110,22 @@ def run(config: TrainConfig, folder: RunFolder, card: dict[str, Any], base_path:
         own = {round_model_id(config, j) for j in range(k)}
         target = folder.out / f"round-{k}"
         target.mkdir(parents=True, exist_ok=True)
-        if config.round_method == "sft":
-            rows = [r | {"_where": f"chain {r['chain_id']}"}
-                    for r in build_examples(store, task, ("teacher", "human"), model_ids=own,
-                                            grounded_only=config.grounded_only)]
-            examples = sft.tokenized_examples(rows, tokenizer, config) if rows else []
-            trained = len(examples)
-            if examples:
-                sft.train_stage(config, folder, path, examples, tokenizer, target / "model", "sft",
-                                extra={"round": k})
-        else:
-            rows = [r | {"_where": f"chains {r['chosen_chain_id']}/{r['rejected_chain_id']}"}
-                    for r in build_pairs(store, task, PairPolicy(use_reference=False), model_ids=own)]
-            pairs = dpo.fitting_pairs(rows, tokenizer, config) if rows else []
-            trained = len(pairs)
-            if pairs:
-                dpo.train_stage(config, folder, path, pairs, tokenizer, target / "model", "dpo", extra={"round": k})
-        if not trained:  # nothing to learn from this round: the model goes on unchanged
+        rows, too_long = training_set(config, store, tokenizer, own)
+        if rows:
+            method = sft if config.round_method == "sft" else dpo
+            method.train_stage(config, folder, path, rows, tokenizer, target / "model", config.round_method,
+                               extra={"round": k})
+        else:  # nothing to learn from this round: the model goes on unchanged
             shutil.copytree(path, target / "model", dirs_exist_ok=True)
-        atomic_write_json(target / "card.json", {"prompt": {"demo": config.demo}, "round": k, "trained_rows": trained,
-                                          "base": path})
+        atomic_write_json(target / "card.json", {"prompt": {"demo": config.demo}, "round": k, "trained_rows": len(rows),
+                                                 "too_long": too_long, "base": path})
         if folder.stopped:
             break
         path = str(target / "model")
         model = load_round_model(config, path, k)
         last = {"round": k, "model": path, "sampled": generated.done + generated.skipped,
-                "sampled_correct": generated.correct + generated.skipped_correct, "train_rows": trained,
+                "sampled_correct": generated.correct + generated.skipped_correct, "train_rows": len(rows),
+                "too_long": too_long,
                 **evaluate_round(config, store, model, k)}
         folder.log({"stage": "round", "step": k, "max_steps": config.rounds, **last})
     finished = max([r for r in range(1, config.rounds + 1) if (folder.out / f"round-{r}" / "model").exists()],
