@@ -185,6 +185,24 @@ def layers_in_python(run: Callable[[], float]) -> float:
         llama_step.SCRIPTED = True
 
 
+def layer_matmuls_seconds(model: LocalModel) -> float:
+    """Seconds of one token's layer matmuls alone: one row through each of the 120 projection groups
+    in the order a pass reads their weights (by the scripted pass's own `_project`), so the weights
+    come from memory as in a pass; the best of 10. The floor the layers' other operations add to."""
+    config = model.model.config
+    stack, _ = llama_step._stack_of(model.model)
+    bits, threads = stack.bits, torch.get_num_threads()
+    inputs = [torch.randn(1, config.intermediate_size if g % 4 == 3 else config.hidden_size)
+              for g in range(4 * config.num_hidden_layers)]
+
+    def every_matmul() -> None:
+        for g, x in enumerate(inputs):
+            stack._project(x, g, bits, threads)
+    with torch.inference_mode():
+        every_matmul()
+        return best_of(10, lambda: timed(every_matmul))
+
+
 def with_transformers_forward(model: LocalModel, run: Callable[[], float]) -> float:
     """`run` with every pass through transformers' forward instead of the hand-written decode pass."""
     model.hand_written_decode = False
@@ -465,6 +483,8 @@ def precision_rows(fp32: LocalModel, ids: list[int], bandwidth: float, llama: Pa
             keep((name, "step"), batch_step(model, ids))
             keep((name, "step unshared"), without_sharing(lambda: batch_step(model, ids)))
             keep((name, "prefill"), prefill_seconds(model, ids))
+            keep((name, "matmuls"), layer_matmuls_seconds(model))
+            keep((name, "matmuls 1 thread"), with_threads(1, lambda: layer_matmuls_seconds(model)))
         if llama:
             for kind, rate in llama_bench(llama, sorted({1, torch.get_num_threads()}), len(ids)).items():
                 theirs[kind] = max(theirs.get(kind, rate), rate)
@@ -480,6 +500,10 @@ def precision_rows(fp32: LocalModel, ids: list[int], bandwidth: float, llama: Pa
             Row(f"{name}: decode 1 sequence, the layers' loop in TorchScript vs in Python (the same logits)",
                 f"{rate:.1f} vs {1 / best[name, 'decode python']:.1f} tok/s",
                 f"{best[name, 'decode python'] / best[name, 'decode']:.2f}x"),
+            Row(f"{name}: one token's 120 layer matmuls alone (one row, weights from memory), "
+                f"{torch.get_num_threads()} thread(s) vs 1; share of a token", f"{best[name, 'matmuls'] * 1e3:.2f} vs "
+                f"{best[name, 'matmuls 1 thread'] * 1e3:.2f} ms; {best[name, 'matmuls'] / best[name, 'decode'] * 100:.0f}% "
+                f"of a {best[name, 'decode'] * 1e3:.2f} ms token", f"{best[name, 'matmuls 1 thread'] / best[name, 'matmuls']:.2f}x"),
             Row(f"{name}: decode 8 sequences in one step vs 1", f"{8 / best[name, 'step']:.0f} vs {rate:.1f} tok/s "
                 f"({best[name, 'step'] * 1e3:.0f} ms a step)", f"{8 * best[name, 'decode'] / best[name, 'step']:.2f}x"),
             Row(f"{name}: decode step of 8 sequences sharing the prompt: its columns read once vs once a row",
