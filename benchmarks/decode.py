@@ -189,11 +189,9 @@ def layer_matmuls_seconds(model: LocalModel) -> float:
     """Seconds of one token's layer matmuls alone: one row through each of the 120 projection groups
     in the order a pass reads their weights (by the scripted pass's own `_project`), so the weights
     come from memory as in a pass; the best of 10. The floor the layers' other operations add to."""
-    config = model.model.config
     stack, _ = llama_step._stack_of(model.model)
     bits, threads = stack.bits, torch.get_num_threads()
-    inputs = [torch.randn(1, config.intermediate_size if g % 4 == 3 else config.hidden_size)
-              for g in range(4 * config.num_hidden_layers)]
+    inputs = [torch.randn(1, group[0].shape[1]) for group in stack.fp32]  # each group's input width
 
     def every_matmul() -> None:
         for g, x in enumerate(inputs):
